@@ -1,0 +1,53 @@
+"""kron_transformers: Kronecker- and tensor-factorized layers for Hugging Face Transformers.
+
+```py
+import kron_transformers as kt
+model = kt.compress_model(model, kt.KronConfig(attention=kt.Shapeshifter(rank=4), init="svd"))
+print(kt.report(model))
+```
+"""
+
+from .config import KPD, PHM, Kronecker, KronConfig, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
+from .modules import (
+    FactorizedEmbedding,
+    FactorizedLinear,
+    KPDLinear,
+    KronEmbedding,
+    KronLinear,
+    LowRankEmbedding,
+    LowRankLinear,
+    TiedFactorizedHead,
+    Word2KetEmbedding,
+)
+from .report import CompressionReport, report
+from .surgery import compress_model, compression_record, decompress_model
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KPD",
+    "PHM",
+    "CompressionReport",
+    "FactorizedEmbedding",
+    "FactorizedLinear",
+    "KPDLinear",
+    "KronConfig",
+    "KronEmbedding",
+    "KronLinear",
+    "Kronecker",
+    "LowRank",
+    "LowRankEmbedding",
+    "LowRankLinear",
+    "MethodSpec",
+    "Shapeshifter",
+    "TiedFactorizedHead",
+    "Word2Ket",
+    "Word2KetEmbedding",
+    "Word2KetXS",
+    "__version__",
+    "compress_model",
+    "compression_record",
+    "decompress_model",
+    "report",
+]

@@ -1,0 +1,22 @@
+"""Parameter containers for one structured weight matrix (DESIGN.md layer 1)."""
+
+from .base import FACTORIZATIONS, Factorization, build_factorization, register_factorization
+from .kronecker import KPDFactorization, KroneckerSum
+from .low_rank import LowRankFactorization
+from .shapes import balanced_factor_shapes, max_kronecker_rank, mixed_radix_digits
+from .word2ket import Word2KetFactorization
+
+
+__all__ = [
+    "FACTORIZATIONS",
+    "Factorization",
+    "KPDFactorization",
+    "KroneckerSum",
+    "LowRankFactorization",
+    "Word2KetFactorization",
+    "balanced_factor_shapes",
+    "build_factorization",
+    "max_kronecker_rank",
+    "mixed_radix_digits",
+    "register_factorization",
+]

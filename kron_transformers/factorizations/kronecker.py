@@ -1,0 +1,177 @@
+"""Sums of Kronecker products: Shapeshifter, word2ketXS, PHM, KPD (seeds 001, 003)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import kron_gather_rows, kron_materialize, kron_matmul
+from .base import Factorization, register_factorization
+from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
+from .shapes import FactorShapes, validate_factor_shapes
+
+
+def factored_matmul_flops(factor_shapes: FactorShapes, rank: int, batch: int) -> int:
+    """Multiply-adds of ``kron_matmul`` (modes contracted last to first) for ``batch`` rows."""
+    state = [b for _, b in factor_shapes]
+    flops = 0
+    for mode in reversed(range(len(factor_shapes))):
+        a, b = factor_shapes[mode]
+        others = math.prod(state) // state[mode]
+        flops += rank * others * a * b
+        state[mode] = a
+    return batch * flops
+
+
+def dense_matmul_flops(factor_shapes: FactorShapes, rank: int, batch: int, rows: int, cols: int) -> int:
+    """Multiply-adds of materialize-then-matmul: building ``W`` plus the dense product."""
+    padded = math.prod(a for a, _ in factor_shapes) * math.prod(b for _, b in factor_shapes)
+    return rank * padded + batch * rows * cols
+
+
+def kronecker_sum_matmul(
+    x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int
+) -> torch.Tensor:
+    """``x @ W.T`` by the cheaper of the factored product and materialize-then-matmul.
+
+    The choice is a FLOP count on static shapes, so it is the same on every call with the
+    same batch size (no data-dependent branch).
+    """
+    factor_shapes = tuple((f.shape[1], f.shape[2]) for f in factors)
+    rank = factors[0].shape[0]
+    batch = x.numel() // max(cols, 1)
+    if factored_matmul_flops(factor_shapes, rank, batch) <= dense_matmul_flops(factor_shapes, rank, batch, rows, cols):
+        return kron_matmul(x, factors, rows)
+    return F.linear(x, kron_materialize(factors, rows, cols))
+
+
+@register_factorization
+class KroneckerSum(Factorization):
+    """``W = sum_{k=1..r} F_1k ⊗ F_2k ⊗ ... ⊗ F_nk``, each ``F_jk`` of shape ``(a_j, b_j)``.
+
+    Seed 003: eq. 3.4 (word2ketXS, order n) and section 4.3 (Shapeshifter, order 2, the
+    rank-r factorization of the rearranged matrix). ``prod a_j >= rows``, ``prod b_j >= cols``:
+    the padded matrix is cropped. Factors are stored as ``factors[j]`` of shape ``(r, a_j, b_j)``.
+    """
+
+    kind = "kronecker_sum"
+
+    def __init__(self, rows: int, cols: int, factor_shapes: FactorShapes, rank: int) -> None:
+        super().__init__(rows, cols)
+        self.factor_shapes = validate_factor_shapes(factor_shapes, rows, cols, "KroneckerSum")
+        if rank < 1:
+            raise ValueError(f"KroneckerSum: rank must be >= 1, got {rank}")
+        self.rank = int(rank)
+        self.factors = nn.ParameterList(nn.Parameter(torch.empty(rank, a, b)) for a, b in self.factor_shapes)
+        self.reset_random(1.0)
+
+    @property
+    def order(self) -> int:
+        return len(self.factor_shapes)
+
+    def materialize(self) -> torch.Tensor:
+        return kron_materialize(list(self.factors), self.rows, self.cols)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kronecker_sum_matmul(x, list(self.factors), self.rows, self.cols)
+
+    def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return kron_gather_rows(ids, list(self.factors), self.cols)
+
+    def structure(self) -> dict[str, Any]:
+        return {
+            "factorization": self.kind,
+            "factor_shapes": [list(shape) for shape in self.factor_shapes],
+            "rank": self.rank,
+        }
+
+    @torch.no_grad()
+    def reset_random(self, std: float) -> None:
+        """``F_jk ~ N(0, s^2)`` with ``s = (std^2 / r)^(1 / 2n)``: ``Var(W_il) = r s^(2n) = std^2``."""
+        factor_std = (std**2 / self.rank) ** (1.0 / (2 * self.order))
+        for factor in self.factors:
+            factor.normal_(0.0, factor_std)
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor) -> float:
+        """Van Loan-Pitsianis: truncated SVD (order 2, optimal) or CP-ALS (order > 2) of ``R(W)``."""
+        solution = nearest_kronecker_sum(weight, self.factor_shapes, self.rank)
+        for factor, value in zip(self.factors, solution):
+            factor.copy_(value.to(factor.dtype))
+        return self.relative_error(weight)
+
+
+def _divides(size: int, block: int) -> bool:
+    return block >= 1 and size % block == 0
+
+
+@register_factorization
+class KPDFactorization(Factorization):
+    """``W = sum_{i=1..r} (S ⊙ A_i) ⊗ B_i`` with ``S`` shared across ``i`` (seed 001, eq. 3).
+
+    ``S, A_i: (m1, n1)``, ``B_i: (m2, n2)``; ``(m2, n2)`` is the block size, so a zero in ``S``
+    zeroes one ``m2 x n2`` block of ``W``. Rows and columns must be multiples of the block.
+    """
+
+    kind = "kpd"
+
+    def __init__(self, rows: int, cols: int, block_size: Sequence[int], rank: int) -> None:
+        super().__init__(rows, cols)
+        block_rows, block_cols = (int(v) for v in block_size)
+        if not (_divides(rows, block_rows) and _divides(cols, block_cols)):
+            raise ValueError(
+                f"KPD: block size {(block_rows, block_cols)} does not tile a {rows}x{cols} weight; "
+                f"use a block whose rows divide {rows} and whose columns divide {cols}"
+            )
+        if rank < 1:
+            raise ValueError(f"KPD: rank must be >= 1, got {rank}")
+        self.block_size = (block_rows, block_cols)
+        self.rank = int(rank)
+        grid = (rows // block_rows, cols // block_cols)
+        self.s = nn.Parameter(torch.ones(grid))
+        self.a = nn.Parameter(torch.empty(rank, *grid))
+        self.b = nn.Parameter(torch.empty(rank, block_rows, block_cols))
+        self.reset_random(1.0)
+
+    @property
+    def factor_shapes(self) -> FactorShapes:
+        return (tuple(self.s.shape), self.block_size)
+
+    def kronecker_factors(self) -> list[torch.Tensor]:
+        """``[S ⊙ A_i, B_i]`` stacked over ``i``: the plain Kronecker-sum factors of ``W``."""
+        return [self.s * self.a, self.b]
+
+    def materialize(self) -> torch.Tensor:
+        return kron_materialize(self.kronecker_factors(), self.rows, self.cols)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kronecker_sum_matmul(x, self.kronecker_factors(), self.rows, self.cols)
+
+    def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return kron_gather_rows(ids, self.kronecker_factors(), self.cols)
+
+    def structure(self) -> dict[str, Any]:
+        return {"factorization": self.kind, "block_size": list(self.block_size), "rank": self.rank}
+
+    @torch.no_grad()
+    def reset_random(self, std: float) -> None:
+        """``S = 1``; ``A, B ~ N(0, s^2)``, ``s = (std^2 / r)^(1/4)`` so ``Var(W) = std^2``."""
+        factor_std = (std**2 / self.rank) ** 0.25
+        self.s.fill_(1.0)
+        self.a.normal_(0.0, factor_std)
+        self.b.normal_(0.0, factor_std)
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor) -> float:
+        """``S = 1`` and the optimal rank-r Kronecker sum (SVD of the block rearrangement)."""
+        a, b = truncated_svd_factors(rearrange(weight.to(torch.float64), self.factor_shapes), self.rank)
+        self.s.fill_(1.0)
+        self.a.copy_(a.reshape(self.rank, *self.s.shape).to(self.a.dtype))
+        self.b.copy_(b.reshape(self.rank, *self.block_size).to(self.b.dtype))
+        return self.relative_error(weight)
+

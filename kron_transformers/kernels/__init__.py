@@ -1,0 +1,11 @@
+"""Op boundaries of the compressed layers (DESIGN.md layer 2).
+
+The factorizations call these functions and nothing lower-level, so a fused kernel can
+replace each one without touching the modules. Only the PyTorch reference path exists
+today; it runs on every device.
+"""
+
+from .torch_ops import kron_gather_rows, kron_materialize, kron_matmul, kron_vectors_tree
+
+
+__all__ = ["kron_gather_rows", "kron_materialize", "kron_matmul", "kron_vectors_tree"]

@@ -1,0 +1,98 @@
+"""Pure-PyTorch reference ops for sums of Kronecker products.
+
+These are the op boundaries the fused kernels replace: each takes the factors
+``F_j`` stacked over the rank as tensors of shape ``(r, a_j, b_j)`` and represents
+``W = sum_k F_1k ⊗ F_2k ⊗ ... ⊗ F_nk`` (most significant digit first, as ``torch.kron``),
+cropped to the true ``(rows, cols)`` (DESIGN.md, "The math").
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..factorizations.shapes import mixed_radix_digits
+
+
+def kron_materialize(factors: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """Dense ``W = sum_k ⊗_j F_jk`` cropped to ``(rows, cols)``; cost ``r * prod(a) * prod(b)``."""
+    product = factors[0]
+    for factor in factors[1:]:
+        r, a, b = product.shape
+        _, c, d = factor.shape
+        product = (product[:, :, None, :, None] * factor[:, None, :, None, :]).reshape(r, a * c, b * d)
+    return product.sum(0)[:rows, :cols]
+
+
+def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: int) -> torch.Tensor:
+    """``x @ W.T`` without forming ``W``: contract one factor per mode (Van Loan 2000).
+
+    For order 2 this is ``vec(sum_k F_1k X F_2k^T)`` with ``x`` reshaped to ``(b_1, b_2)``
+    (seed 001, section 3). Input ``x`` has shape ``(..., cols)``; the result ``(..., out_features)``.
+    """
+    order = len(factors)
+    in_sizes = [f.shape[2] for f in factors]
+    out_sizes = [f.shape[1] for f in factors]
+    lead_shape = x.shape[:-1]
+    in_features = x.shape[-1]
+    flat = x.reshape(-1, in_features)
+    padding = math.prod(in_sizes) - in_features
+    if padding:
+        flat = F.pad(flat, (0, padding))
+    state = flat.reshape(flat.shape[0], *in_sizes)
+    # Letters: 'n' batch, 'r' rank, modes use distinct letters for the in and out sides.
+    in_letters = string.ascii_uppercase[:order]
+    out_letters = string.ascii_lowercase[:order]
+    current = list(in_letters)
+    has_rank = False
+    for mode in reversed(range(order)):
+        before = "n" + ("r" if has_rank else "") + "".join(current)
+        current[mode] = out_letters[mode]
+        last = mode == 0
+        after = "n" + ("" if last else "r") + "".join(current)
+        state = torch.einsum(f"{before},r{out_letters[mode]}{in_letters[mode]}->{after}", state, factors[mode])
+        has_rank = True
+    return state.reshape(flat.shape[0], -1)[:, :out_features].reshape(*lead_shape, out_features)
+
+
+def kron_vectors_tree(
+    vectors: Sequence[torch.Tensor],
+    normalize: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Kronecker product of vectors ``v_1 ⊗ ... ⊗ v_n`` along the last axis, as a balanced tree.
+
+    ``((v_1 ⊗ v_2) ⊗ (v_3 ⊗ v_4))`` rather than a left fold (seed 003, section 3.3.3), so the
+    sequential depth is ``O(log n)``. ``normalize(level, node)`` is applied to every internal
+    node (word2ket's optional LayerNorm); leading axes broadcast.
+    """
+    level_nodes = list(vectors)
+    level = 0
+    while len(level_nodes) > 1:
+        merged = []
+        for left, right in zip(level_nodes[0::2], level_nodes[1::2]):
+            node = (left[..., :, None] * right[..., None, :]).flatten(-2)
+            merged.append(normalize(level, node) if normalize is not None else node)
+        if len(level_nodes) % 2:
+            merged.append(level_nodes[-1])
+        level_nodes = merged
+        level += 1
+    return level_nodes[0]
+
+
+def kron_gather_rows(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
+    """Rows ``W[ids]`` built from one row of each factor: ``sum_k ⊗_j F_jk[i_j, :]``.
+
+    ``ids`` of any shape are split into mixed-radix digits ``(i_1..i_n)`` over the factor row
+    counts, most significant first (seed 003, eq. 3.4 and the lazy-row formula after it).
+    Cost ``O(r * prod(b))`` per id; the table is never formed.
+    """
+    radices = tuple(f.shape[1] for f in factors)
+    digits = mixed_radix_digits(ids.reshape(-1), radices)
+    # (num_ids, r, b_j) per factor
+    rows = [factor[:, digit, :].transpose(0, 1) for factor, digit in zip(factors, digits)]
+    gathered = kron_vectors_tree(rows).sum(1)[:, :cols]
+    return gathered.reshape(*ids.shape, cols)

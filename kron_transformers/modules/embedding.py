@@ -1,0 +1,175 @@
+"""Drop-in replacements for ``nn.Embedding`` and the tied output head (DESIGN.md layer 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..factorizations import (
+    Factorization,
+    KroneckerSum,
+    LowRankFactorization,
+    Word2KetFactorization,
+    balanced_factor_shapes,
+    build_factorization,
+)
+from ..factorizations.shapes import VOCAB_PADDING_TOLERANCE, balanced_factors
+
+
+def zero_index(tensor: torch.Tensor, index: int | None, dim: int) -> torch.Tensor:
+    """``tensor`` with position ``index`` along ``dim`` set to 0 (out of place, differentiable)."""
+    if index is None:
+        return tensor
+    shape = [1] * tensor.dim()
+    shape[dim] = tensor.shape[dim]
+    keep = torch.ones(shape, dtype=tensor.dtype, device=tensor.device)
+    keep.view(-1)[index] = 0
+    return tensor * keep
+
+
+class FactorizedEmbedding(nn.Module):
+    """An embedding table ``E`` (``num_embeddings x embedding_dim``) held as a ``Factorization``.
+
+    ``forward(ids) = E[ids]`` gathered lazily (the table is never formed), with the row of
+    ``padding_idx`` zero and receiving no gradient, as ``nn.Embedding``. ``embed_scale``
+    reproduces transformers' scaled word embeddings (BART, M2M100, ...: ``E[ids] * scale``).
+    """
+
+    def __init__(
+        self, factorization: Factorization, padding_idx: int | None = None, embed_scale: float | None = None
+    ) -> None:
+        super().__init__()
+        self.factorization = factorization
+        self.num_embeddings = factorization.rows
+        self.embedding_dim = factorization.cols
+        if padding_idx is not None:
+            if not -self.num_embeddings <= padding_idx < self.num_embeddings:
+                raise ValueError(
+                    f"{type(self).__name__}: padding_idx {padding_idx} is outside the vocabulary of "
+                    f"{self.num_embeddings} rows"
+                )
+            padding_idx = padding_idx % self.num_embeddings
+        self.padding_idx = padding_idx
+        self.embed_scale = embed_scale
+
+    @classmethod
+    def from_structure(
+        cls, structure: dict[str, Any], num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+        embed_scale: float | None = None,
+    ) -> FactorizedEmbedding:
+        """Rebuild an embedding from a recorded ``Factorization.structure()`` (random values)."""
+        factorization = build_factorization(structure, num_embeddings, embedding_dim)
+        return cls.wrap(factorization, padding_idx, embed_scale)
+
+    @staticmethod
+    def wrap(
+        factorization: Factorization, padding_idx: int | None = None, embed_scale: float | None = None
+    ) -> FactorizedEmbedding:
+        """An embedding around an existing factorization, typed by it (``KronEmbedding`` for a Kronecker sum, ...)."""
+        module = FactorizedEmbedding.__new__(EMBEDDING_CLASSES.get(type(factorization), FactorizedEmbedding))
+        FactorizedEmbedding.__init__(module, factorization, padding_idx, embed_scale)
+        return module
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.factorization.gather_rows(input_ids)
+        if self.padding_idx is not None:
+            rows = rows.masked_fill((input_ids == self.padding_idx).unsqueeze(-1), 0.0)
+        return rows * self.embed_scale if self.embed_scale is not None else rows
+
+    def materialize(self) -> torch.Tensor:
+        """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero (scale not applied)."""
+        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.materialize()
+
+    def num_parameters(self) -> int:
+        return self.factorization.num_parameters()
+
+    def extra_repr(self) -> str:
+        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        extra += f", embed_scale={self.embed_scale}" if self.embed_scale is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{extra}"
+
+
+class KronEmbedding(FactorizedEmbedding):
+    """word2ketXS / Shapeshifter embedding: ``E = sum_k ⊗_j F_jk`` (seed 003, eq. 3.4).
+
+    ```py
+    emb = KronEmbedding(30000, 256, rank=2, order=4)   # vocabulary padded to a balanced grid
+    ```
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, rank: int, order: int = 2,
+        factor_shapes: Sequence[Sequence[int]] | None = None, padding_idx: int | None = None,
+    ) -> None:
+        shapes = factor_shapes if factor_shapes is not None else balanced_factor_shapes(
+            num_embeddings, embedding_dim, order, True, False, VOCAB_PADDING_TOLERANCE
+        )
+        super().__init__(KroneckerSum(num_embeddings, embedding_dim, shapes, rank), padding_idx)
+
+
+class Word2KetEmbedding(FactorizedEmbedding):
+    """word2ket: each token's vector ``sum_k ⊗_j v_jk`` (seed 003, eq. 3.3), balanced tree, optional LayerNorm."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, rank: int, order: int = 2,
+        leaf_dims: Sequence[int] | None = None, layer_norm: bool = False, padding_idx: int | None = None,
+    ) -> None:
+        dims = leaf_dims if leaf_dims is not None else balanced_factors(embedding_dim, order)
+        super().__init__(Word2KetFactorization(num_embeddings, embedding_dim, dims, rank, layer_norm), padding_idx)
+
+
+class LowRankEmbedding(FactorizedEmbedding):
+    """``E = U V`` (the low-rank baseline): rows gathered as ``U[ids] V``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None) -> None:
+        super().__init__(LowRankFactorization(num_embeddings, embedding_dim, rank), padding_idx)
+
+
+EMBEDDING_CLASSES: dict[type[Factorization], type[FactorizedEmbedding]] = {
+    KroneckerSum: KronEmbedding,
+    Word2KetFactorization: Word2KetEmbedding,
+    LowRankFactorization: LowRankEmbedding,
+}
+
+
+class TiedFactorizedHead(nn.Module):
+    """Output head tied to a factorized embedding: ``logits = h E^T (+ bias)`` from the same factors.
+
+    The ``vocab x dim`` table is never formed when the factorization's structured product is
+    cheaper (Kronecker sums contract ``h`` with each factor, cost ``~ r sum_j ...`` instead of
+    ``V * dim``). The logit of ``padding_idx`` is 0, as with the zero padding row of a dense tie.
+    """
+
+    def __init__(self, embedding: FactorizedEmbedding, bias: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.factorization = embedding.factorization
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+        self.padding_idx = embedding.padding_idx
+        self.register_parameter("bias", bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = zero_index(self.factorization.matmul(hidden_states), self.padding_idx, -1)
+        return logits + self.bias if self.bias is not None else logits
+
+    def materialize(self) -> torch.Tensor:
+        """Dense ``(vocab, dim)`` weight as ``nn.Linear`` stores it (padding row zero)."""
+        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.materialize()
+
+    def num_parameters(self) -> int:
+        """Own parameters only (the bias); the factors belong to the embedding."""
+        return self.bias.numel() if self.bias is not None else 0
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, tied"

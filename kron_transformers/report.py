@@ -1,0 +1,101 @@
+"""``report(model)``: parameters before/after per compressed module and in total."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .modules import FactorizedEmbedding, FactorizedLinear
+from .surgery import KIND_TIED_HEAD, compression_record
+
+
+@dataclass
+class ModuleReport:
+    """One compressed weight matrix."""
+
+    name: str
+    role: str
+    method: str
+    shape: tuple[int, int]
+    structure: str
+    dense_parameters: int
+    compressed_parameters: int
+    init_error: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_parameters / max(self.compressed_parameters, 1)
+
+
+@dataclass
+class CompressionReport:
+    """Per-module rows plus model totals; ``str()`` renders a table."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    tied: dict[str, str] = field(default_factory=dict)
+    total_before: int = 0
+    total_after: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.total_before / max(self.total_after, 1)
+
+    def __str__(self) -> str:
+        header = ("module", "role", "method", "shape", "structure", "dense", "compressed", "ratio", "init error")
+        rows = [header]
+        for m in self.modules:
+            error = "" if m.init_error is None else f"{m.init_error:.4f}"
+            rows.append((m.name, m.role, m.method, f"{m.shape[0]}x{m.shape[1]}", m.structure,
+                         f"{m.dense_parameters:,}", f"{m.compressed_parameters:,}", f"{m.ratio:.1f}x", error))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        for head, embedding in self.tied.items():
+            lines.append(f"{head}: tied to {embedding} (shares its factors)")
+        lines.append(
+            f"model parameters: {self.total_before:,} -> {self.total_after:,} ({self.ratio:.2f}x smaller)"
+        )
+        return "\n".join(lines)
+
+
+def _describe_structure(structure: dict) -> str:
+    parts = [f"rank {structure['rank']}"]
+    if "factor_shapes" in structure:
+        parts.append(" ⊗ ".join(f"{a}x{b}" for a, b in structure["factor_shapes"]))
+    if "block_size" in structure:
+        parts.append(f"block {structure['block_size'][0]}x{structure['block_size'][1]}")
+    if "leaf_dims" in structure:
+        parts.append("leaves " + "x".join(str(q) for q in structure["leaf_dims"]))
+    return ", ".join(parts)
+
+
+def report(model: nn.Module) -> CompressionReport:
+    """Parameters before/after for each compressed module and for the whole model.
+
+    For ``init="svd"`` each row also carries the relative approximation error
+    ``||W - W_hat||_F / ||W||_F`` measured when the module was initialized.
+    """
+    record = compression_record(model)
+    result = CompressionReport()
+    result.total_after = sum(p.numel() for p in model.parameters())
+    if record is None:
+        result.total_before = result.total_after
+        return result
+    saved = 0
+    for name, entry in record["modules"].items():
+        if entry["kind"] == KIND_TIED_HEAD:
+            result.tied[name] = entry["tied_to"]
+            continue
+        module = model.get_submodule(name)
+        if not isinstance(module, (FactorizedLinear, FactorizedEmbedding)):
+            raise ValueError(f"report: {name} is recorded as compressed but is a {type(module).__name__}")
+        compressed = module.factorization.num_parameters()
+        saved += entry["dense_parameters"] - compressed
+        result.modules.append(ModuleReport(
+            name=name, role=entry["role"], method=entry["method"], shape=tuple(entry["shape"]),
+            structure=_describe_structure(entry["structure"]), dense_parameters=entry["dense_parameters"],
+            compressed_parameters=compressed, init_error=entry.get("init_error"),
+        ))
+    result.total_before = result.total_after + saved
+    return result

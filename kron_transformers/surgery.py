@@ -1,0 +1,481 @@
+"""``compress_model`` / ``decompress_model``: model surgery over any HF model (DESIGN.md layer 5).
+
+Everything is validated and every replacement is built before the first module is swapped,
+so a bad config raises with the model untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import EMBEDDING, LINEAR, KronConfig, MethodSpec
+from .factorizations import build_factorization
+from .matching import ALL_LINEAR, pattern_matches, rule_matches
+from .modules import (
+    COMPRESSED_MODULES,
+    CONV1D_LAYOUT,
+    LINEAR_LAYOUT,
+    FactorizedEmbedding,
+    FactorizedLinear,
+    TiedFactorizedHead,
+)
+from .roles import (
+    ATTENTION_ROLE,
+    EMBEDDING_ROLE,
+    FFN_ROLE,
+    LM_HEAD_ROLE,
+    ModelRoles,
+    ModuleInfo,
+    conv1d_class,
+    detect_roles,
+    is_conv1d,
+    is_embedding,
+    is_linear,
+)
+
+
+logger = logging.getLogger(__name__)
+
+RECORD_ATTRIBUTE = "kron_compression"
+RECORD_VERSION = 1
+ORIGINAL_TIES_ATTRIBUTE = "_kron_original_tied_weights_keys"
+
+KIND_LINEAR = "linear"
+KIND_EMBEDDING = "embedding"
+KIND_TIED_HEAD = "tied_head"
+
+ROLE_FIELDS = {EMBEDDING_ROLE: "embedding", ATTENTION_ROLE: "attention", FFN_ROLE: "ffn", LM_HEAD_ROLE: "lm_head"}
+
+
+@dataclass
+class _Plan:
+    """One module to replace, fully resolved before anything is swapped."""
+
+    info: ModuleInfo
+    kind: str
+    spec: MethodSpec | None
+    structure: dict[str, Any] | None
+    rows: int
+    cols: int
+    group: list[ModuleInfo] = field(default_factory=list)  # embeddings sharing the weight
+    replacements: list[nn.Module] = field(default_factory=list)  # one per group member (or the module)
+    init_error: float | None = None
+
+
+def _class_path(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _embed_scale(module: nn.Module, name: str) -> float | None:
+    """The scale of transformers' scaled word embeddings, or None for a plain ``nn.Embedding``."""
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        if type(module).forward is not nn.Embedding.forward:
+            raise ValueError(
+                f"{name}: {type(module).__name__} overrides nn.Embedding.forward in a way kron_transformers cannot "
+                f"reproduce; exclude it with exclude_modules=[{name!r}]"
+            )
+        return None
+    return float(scale)
+
+
+def _weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The dense weight in ``(rows, cols)`` orientation: ``(out, in)`` for linears, ``(vocab, dim)`` for embeddings."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def _resolve_spec(info: ModuleInfo, config: KronConfig, roles: ModelRoles) -> MethodSpec | None:
+    names = info.names
+    if config.exclude_modules is not None and pattern_matches(config.exclude_modules, names, "exclude_modules"):
+        return None
+    for key, spec in config.rules.items():
+        if rule_matches(key, names):
+            return spec
+    if config.target_modules is not None:
+        if config.target_modules == ALL_LINEAR:
+            targeted = is_linear(info.module) and info.module is not roles.output_embedding
+        else:
+            targeted = pattern_matches(config.target_modules, names, "target_modules")
+        if not targeted:
+            return None
+    role_spec = getattr(config, ROLE_FIELDS[info.role]) if info.role in ROLE_FIELDS else None
+    if role_spec is not None:
+        return role_spec
+    return config.default if config.target_modules is not None or info.role not in ROLE_FIELDS else None
+
+
+def _warn_unmatched(config: KronConfig, infos: list[ModuleInfo]) -> None:
+    """Warn for each pattern that matched no linear or embedding module."""
+    all_names = [info.names for info in infos]
+    checks: list[tuple[str, str | list[str]]] = []
+    for field_name in ("target_modules", "exclude_modules"):
+        value = getattr(config, field_name)
+        if value is None or value == ALL_LINEAR:
+            continue
+        entries = [value] if isinstance(value, str) else [[entry] for entry in value]
+        checks.extend((field_name, entry) for entry in entries)
+    for field_name, entry in checks:
+        if not any(pattern_matches(entry, names, field_name) for names in all_names):
+            shown = entry if isinstance(entry, str) else entry[0]
+            warnings.warn(f"KronConfig.{field_name}: {shown!r} matched no linear or embedding module", stacklevel=3)
+    for key in config.rules:
+        if not any(rule_matches(key, names) for names in all_names):
+            warnings.warn(f"KronConfig.rules: {key!r} matched no linear or embedding module", stacklevel=3)
+
+
+def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan]:
+    """Resolve every module's spec and structure; raise ``ValueError`` before any change."""
+    candidates = [
+        info for info in roles.modules.values() if is_linear(info.module) or is_embedding(info.module)
+    ]
+    _warn_unmatched(config, candidates)
+    specs = {id(info.module): _resolve_spec(info, config, roles) for info in candidates}
+    plans: list[_Plan] = []
+    handled: set[int] = set()
+    input_embedding = roles.input_embedding
+    head = roles.output_embedding
+
+    if input_embedding is not None and is_embedding(input_embedding):
+        group = [info for info in candidates if info.role == EMBEDDING_ROLE]
+        embedding_info = roles.info(input_embedding)
+        spec = specs[id(input_embedding)]
+        handled.update(id(info.module) for info in group)
+        if roles.tied_head:
+            head_info = roles.info(head)
+            handled.add(id(head))
+            head_spec = specs[id(head)]
+            if spec is not None and head_spec is not None:
+                raise ValueError(
+                    f"{head_info.name} is tied to {embedding_info.name} (one shared weight), so it shares the "
+                    f"embedding's factors; remove the lm_head spec or rule, or untie the model first"
+                )
+            if spec is None and head_spec is not None:
+                raise ValueError(
+                    f"{head_info.name} is tied to {embedding_info.name}, which is not compressed; compress the "
+                    f"embedding (the head then shares its factors) or untie the model first"
+                )
+        if spec is not None:
+            rows, cols = input_embedding.weight.shape
+            for info in group:
+                _embed_scale(info.module, info.name)  # validates custom embedding classes
+            structure = spec.resolve(rows, cols, EMBEDDING, embedding_info.name)
+            plans.append(_Plan(embedding_info, KIND_EMBEDDING, spec, structure, rows, cols, group))
+            if roles.tied_head:
+                plans.append(_Plan(roles.info(head), KIND_TIED_HEAD, None, None, rows, cols))
+
+    for info in candidates:
+        if id(info.module) in handled:
+            continue
+        spec = specs[id(info.module)]
+        if spec is None:
+            continue
+        if is_embedding(info.module):
+            rows, cols = info.module.weight.shape
+            _embed_scale(info.module, info.name)
+            structure = spec.resolve(rows, cols, EMBEDDING, info.name)
+            plans.append(_Plan(info, KIND_EMBEDDING, spec, structure, rows, cols, [info]))
+        else:
+            rows, cols = _weight_matrix(info.module).shape
+            structure = spec.resolve(rows, cols, LINEAR, info.name)
+            plans.append(_Plan(info, KIND_LINEAR, spec, structure, rows, cols))
+    return plans
+
+
+def _initialize(factorization: nn.Module, weight: torch.Tensor, init: str) -> float | None:
+    if init == "svd":
+        return factorization.fit(weight)
+    factorization.reset_random(float(weight.detach().float().std()))
+    return None
+
+
+@torch.no_grad()
+def _build(plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbedding]) -> None:
+    module = plan.info.module
+    if plan.kind == KIND_TIED_HEAD:
+        embedding = built_embeddings[id(module.weight)]
+        plan.replacements = [TiedFactorizedHead(embedding, getattr(module, "bias", None))]
+        return
+    weight = _weight_matrix(module)
+    factorization = build_factorization(plan.structure, plan.rows, plan.cols).to(weight.device, weight.dtype)
+    plan.init_error = _initialize(factorization, weight, init)
+    if plan.kind == KIND_EMBEDDING:
+        plan.replacements = [
+            FactorizedEmbedding.wrap(factorization, info.module.padding_idx, _embed_scale(info.module, info.name))
+            for info in plan.group
+        ]
+        built_embeddings[id(module.weight)] = plan.replacements[0]
+        return
+    layout = CONV1D_LAYOUT if is_conv1d(module) else LINEAR_LAYOUT
+    replacement = FactorizedLinear.wrap(factorization, module.bias is not None, layout)
+    if module.bias is not None:
+        replacement.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+    plan.replacements = [replacement]
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child_name = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, module)
+
+
+def _record(plan: _Plan) -> dict[str, Any]:
+    module = plan.info.module
+    record: dict[str, Any] = {
+        "role": plan.info.role,
+        "kind": plan.kind,
+        "shape": [plan.rows, plan.cols],
+        "dense_class": _class_path(module),
+        "aliases": plan.info.names[1:],
+    }
+    if plan.kind == KIND_TIED_HEAD:
+        record["tied_to"] = None  # filled by compress_model with the embedding's name
+        record["bias"] = getattr(module, "bias", None) is not None
+        return record
+    record.update(method=plan.spec.method, structure=plan.structure, init_error=plan.init_error,
+                  dense_parameters=module.weight.numel())
+    if plan.kind == KIND_EMBEDDING:
+        record["padding_idx"] = module.padding_idx
+        record["embed_scale"] = _embed_scale(module, plan.info.name)
+        record["shared_with"] = [
+            {"name": info.name, "aliases": info.names[1:], "padding_idx": info.module.padding_idx,
+             "embed_scale": _embed_scale(info.module, info.name), "dense_class": _class_path(info.module)}
+            for info in plan.group[1:]
+        ]
+    else:
+        record["layout"] = CONV1D_LAYOUT if is_conv1d(module) else LINEAR_LAYOUT
+        record["bias"] = module.bias is not None
+    return record
+
+
+def _pretrained_submodels(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return []
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, PreTrainedModel)]
+
+
+def _refresh_tied_keys(model: nn.Module) -> None:
+    if hasattr(model, "get_expanded_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+
+
+def _rewrite_tied_weights_keys(model: nn.Module) -> None:
+    """Map ``X.weight -> Y.weight`` ties between compressed modules to their shared factor names.
+
+    transformers computes ``all_tied_weights_keys`` in ``post_init`` and ``tie_weights`` would
+    otherwise try to assign a ``weight`` Parameter onto a compressed module (REFERENCES.md part 2,
+    pitfalls 2-4). Ties not involving compressed modules (BERT's decoder bias) are kept.
+    """
+    for prefix, submodel in _pretrained_submodels(model):
+        original = getattr(submodel, "_tied_weights_keys", None)
+        if not original:
+            continue
+        rewritten: dict[str, str] = {}
+        for target, source in original.items():
+            target_module = _module_of_parameter(submodel, target)
+            source_module = _module_of_parameter(submodel, source)
+            target_compressed = isinstance(target_module, COMPRESSED_MODULES)
+            source_compressed = isinstance(source_module, COMPRESSED_MODULES)
+            if not target_compressed and not source_compressed:
+                rewritten[target] = source
+                continue
+            shared = getattr(target_module, "factorization", None)
+            if target_compressed and source_compressed and shared is getattr(source_module, "factorization", None):
+                target_base, source_base = target.rpartition(".")[0], source.rpartition(".")[0]
+                for parameter_name, _ in shared.named_parameters():
+                    rewritten[f"{target_base}.factorization.{parameter_name}"] = (
+                        f"{source_base}.factorization.{parameter_name}"
+                    )
+        if ORIGINAL_TIES_ATTRIBUTE not in submodel.__dict__:
+            setattr(submodel, ORIGINAL_TIES_ATTRIBUTE, original)
+        submodel._tied_weights_keys = rewritten
+        _refresh_tied_keys(submodel)
+
+
+def _module_of_parameter(model: nn.Module, parameter_path: str) -> nn.Module | None:
+    module_path = parameter_path.rpartition(".")[0]
+    try:
+        return model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return None
+
+
+def _restore_tied_weights_keys(model: nn.Module) -> None:
+    for _, submodel in _pretrained_submodels(model):
+        if ORIGINAL_TIES_ATTRIBUTE in submodel.__dict__:
+            submodel._tied_weights_keys = submodel.__dict__.pop(ORIGINAL_TIES_ATTRIBUTE)
+            _refresh_tied_keys(submodel)
+
+
+def compression_record(model: nn.Module) -> dict[str, Any] | None:
+    """The resolved per-module structure recorded by ``compress_model`` (None if not compressed)."""
+    holder = getattr(model, "config", model)
+    return getattr(holder, RECORD_ATTRIBUTE, None)
+
+
+def _set_record(model: nn.Module, record: dict[str, Any] | None) -> None:
+    holder = getattr(model, "config", model)
+    if record is None:
+        if hasattr(holder, RECORD_ATTRIBUTE):
+            delattr(holder, RECORD_ATTRIBUTE)
+    else:
+        setattr(holder, RECORD_ATTRIBUTE, record)
+
+
+def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
+    """Replace the model's linears and embeddings by factorized modules, in place; return the model.
+
+    Roles come from ``roles.detect_roles`` (works on any HF model); each targeted module's spec
+    is resolved to exact shapes and ranks (``KronConfig`` docstring), every replacement is built
+    and initialized (``init="svd"``: best Frobenius approximation of the dense weight;
+    ``"random"``: de novo, scaled to the dense weight's standard deviation), then all are
+    swapped at once. A tied output head shares the embedding's factors. The resolved structure
+    is recorded on ``model.config.kron_compression``.
+
+    ```py
+    model = kt.compress_model(model, kt.KronConfig(attention=kt.Shapeshifter(rank=4)))
+    ```
+    """
+    if not isinstance(config, KronConfig):
+        raise TypeError(f"compress_model: config must be a kron_transformers.KronConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    if compression_record(model) is not None or any(isinstance(m, COMPRESSED_MODULES) for m in model.modules()):
+        raise ValueError("compress_model: the model is already compressed; call decompress_model first")
+    roles = detect_roles(model)
+    plans = _plan(model, config, roles)
+    if not plans:
+        warnings.warn("compress_model: no module matched the config; the model is unchanged", stacklevel=2)
+        return model
+
+    built_embeddings: dict[int, FactorizedEmbedding] = {}
+    order = sorted(plans, key=lambda p: p.kind == KIND_TIED_HEAD)  # heads after their embeddings
+    for plan in order:
+        _build(plan, config.init, built_embeddings)
+
+    records: dict[str, Any] = {}
+    embedding_names: dict[int, str] = {}
+    for plan in order:
+        infos = plan.group if plan.kind == KIND_EMBEDDING else [plan.info]
+        for info, replacement in zip(infos, plan.replacements):
+            replacement.train(info.module.training)
+            for path in info.names:
+                _set_module(model, path, replacement)
+        record = _record(plan)
+        if plan.kind == KIND_EMBEDDING:
+            embedding_names[id(plan.info.module.weight)] = plan.info.name
+        if plan.kind == KIND_TIED_HEAD:
+            record["tied_to"] = embedding_names[id(plan.info.module.weight)]
+        records[plan.info.name] = record
+        if plan.init_error is not None:
+            logger.info("%s: %s init relative error %.4f", plan.info.name, plan.spec.method, plan.init_error)
+
+    _set_record(model, {"version": RECORD_VERSION, "init": config.init, "config": config.to_dict(),
+                        "modules": records})
+    _rewrite_tied_weights_keys(model)
+    return model
+
+
+def _dense_class(path: str | None, default: type[nn.Module]) -> type[nn.Module]:
+    if not path:
+        return default
+    module_name, _, qualname = path.partition(":")
+    try:
+        cls: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError):
+        return default
+    return cls if isinstance(cls, type) and issubclass(cls, default) else default
+
+
+def _dense_embedding(weight: nn.Parameter, padding_idx: int | None, embed_scale: float | None,
+                     class_path: str | None) -> nn.Embedding:
+    cls = _dense_class(class_path, nn.Embedding)
+    embedding = cls.__new__(cls)
+    nn.Embedding.__init__(embedding, weight.shape[0], weight.shape[1], padding_idx=padding_idx, _weight=weight)
+    embedding.weight = weight  # the same Parameter object for every tied member
+    if embed_scale is not None:
+        embedding.embed_scale = embed_scale
+    return embedding
+
+
+def _dense_linear(module: FactorizedLinear) -> nn.Module:
+    weight = nn.Parameter(module.materialize().detach().clone())
+    if module.weight_layout == CONV1D_LAYOUT:
+        dense = conv1d_class()(module.out_features, module.in_features)
+        dense.to(weight.device, weight.dtype)
+        dense.weight = weight
+        dense.bias = module.bias if module.bias is not None else nn.Parameter(torch.zeros_like(dense.bias))
+        return dense
+    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    dense.weight = weight
+    if module.bias is not None:
+        dense.bias = module.bias
+    return dense
+
+
+@torch.no_grad()
+def decompress_model(model: nn.Module) -> nn.Module:
+    """Materialize every compressed module back to plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``.
+
+    Outputs are identical up to floating-point rounding; a tied head becomes an ``nn.Linear``
+    sharing the embedding's new weight Parameter, so the model stays tied. In place; returns the model.
+    """
+    record = compression_record(model) or {"modules": {}}
+    class_paths: dict[str, str] = {}
+    for name, entry in record["modules"].items():
+        for alias in [name, *entry.get("aliases", [])]:
+            class_paths[alias] = entry.get("dense_class")
+        for member in entry.get("shared_with", []):
+            for alias in [member["name"], *member["aliases"]]:
+                class_paths[alias] = member["dense_class"]
+
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, COMPRESSED_MODULES):
+            paths.setdefault(id(module), []).append(path)
+            modules[id(module)] = module
+
+    dense_tables: dict[int, nn.Parameter] = {}
+
+    def table_for(module: nn.Module) -> nn.Parameter:
+        key = id(module.factorization)
+        if key not in dense_tables:
+            dense_tables[key] = nn.Parameter(module.materialize().detach().clone())
+        return dense_tables[key]
+
+    replacements: dict[int, nn.Module] = {}
+    for key, module in modules.items():
+        if isinstance(module, FactorizedEmbedding):
+            replacements[key] = _dense_embedding(table_for(module), module.padding_idx, module.embed_scale,
+                                                 class_paths.get(paths[key][0]))
+        elif isinstance(module, FactorizedLinear):
+            replacements[key] = _dense_linear(module)
+    for key, module in modules.items():
+        if isinstance(module, TiedFactorizedHead):
+            weight = table_for(module)
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            dense.weight = weight
+            if module.bias is not None:
+                dense.bias = module.bias
+            replacements[key] = dense
+    for key, replacement in replacements.items():
+        replacement.train(modules[key].training)
+        for path in paths[key]:
+            _set_module(model, path, replacement)
+    _restore_tied_weights_keys(model)
+    _set_record(model, None)
+    return model
