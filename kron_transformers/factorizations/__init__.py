@@ -3,7 +3,8 @@
 from .base import FACTORIZATIONS, Factorization, build_factorization, register_factorization
 from .kronecker import KPDFactorization, KroneckerSum
 from .low_rank import LowRankFactorization
-from .shapes import balanced_factor_shapes, max_kronecker_rank, mixed_radix_digits
+from ..kernels import mixed_radix_digits
+from .shapes import balanced_factor_shapes, max_kronecker_rank
 from .word2ket import Word2KetFactorization
 
 

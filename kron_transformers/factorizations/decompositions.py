@@ -19,10 +19,11 @@ import torch
 
 
 def rearrange(weight: torch.Tensor, factor_shapes: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """Van Loan-Pitsianis rearrangement of a (zero-padded) matrix into an order-n tensor.
+    """Van Loan-Pitsianis rearrangement of a matrix into an order-n tensor.
 
     Entry ``W[(i_1..i_n), (l_1..l_n)]`` moves to ``T[(i_1 l_1), ..., (i_n l_n)]`` so that
     ``W = sum_k ⊗_j F_jk`` exactly when ``T = sum_k ⊗_j vec(F_jk)`` (rank-r CP / SVD).
+    A smaller matrix is zero-padded first.
     """
     order = len(factor_shapes)
     rows_sizes = [a for a, _ in factor_shapes]
@@ -39,8 +40,9 @@ def nearest_kronecker_sum(
 ) -> list[torch.Tensor]:
     """Factors ``(r, a_j, b_j)`` of the best rank-r Kronecker sum approximating ``weight``.
 
-    Exact (truncated SVD of the rearrangement) for order 2; CP-ALS for order > 2.
-    Computed in float64; returns float64 factors with the scale split evenly between them.
+    Exact (truncated SVD of the rearrangement) for order 2; CP-ALS for order > 2. When the
+    factor shapes pad the matrix, the padded entries are fitted as zeros (optimal for the
+    zero-padded matrix; an upper bound for the cropped one). Computed in float64.
     """
     tensor = rearrange(weight.to(torch.float64), factor_shapes)
     if len(factor_shapes) == 2:
@@ -71,20 +73,26 @@ def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
     return moved.reshape(tensor.shape[0], tensor.shape[mode + 1], -1)
 
 
-def cp_als(tensor: torch.Tensor, rank: int, iterations: int = 100, tolerance: float = 1e-12) -> list[torch.Tensor]:
+def cp_als(
+    tensor: torch.Tensor,
+    rank: int,
+    iterations: int = 100,
+    tolerance: float = 1e-12,
+    initial: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """Batched rank-r CP decomposition ``T[b] ≈ sum_k ⊗_j f_jk[b]`` by alternating least squares.
 
     ``tensor`` has shape ``(B, d_1, ..., d_n)``; returns factors ``(B, rank, d_j)``. Initialized
     from the leading left singular vectors of each unfolding (HOSVD), padded with small random
-    directions when ``rank > d_j``; each step solves the normal equations with the Hadamard
+    directions when ``rank > d_j`` (or from ``initial``, a warm start); each step solves the normal equations with the Hadamard
     product of the other factors' Gram matrices (damped, so degenerate inputs give no NaN).
     """
     batch = tensor.shape[0]
     dims = tensor.shape[1:]
     order = len(dims)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    factors = []
-    for mode, dim in enumerate(dims):
+    factors = [f.clone() for f in initial] if initial is not None else []
+    for mode, dim in enumerate(dims if initial is None else []):
         unfolded = _unfold(tensor, mode)
         gram = unfolded @ unfolded.transpose(1, 2)
         _, eigvecs = torch.linalg.eigh(gram)

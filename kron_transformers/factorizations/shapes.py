@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import torch
-
 
 FactorShapes = tuple[tuple[int, int], ...]
 
@@ -145,16 +143,3 @@ def max_kronecker_rank(factor_shapes: FactorShapes) -> int:
     """
     sizes = [a * b for a, b in factor_shapes]
     return math.prod(sizes) // max(sizes)
-
-
-def mixed_radix_digits(ids: torch.Tensor, radices: tuple[int, ...]) -> list[torch.Tensor]:
-    """Split integer ids into digits, most significant first (the ``torch.kron`` convention).
-
-    ``id = sum_j d_j * prod_{l>j} radices[l]`` (REFERENCES.md section 0).
-    """
-    digits = []
-    remainder = ids
-    for radix in reversed(radices):
-        digits.append(torch.remainder(remainder, radix))
-        remainder = torch.div(remainder, radix, rounding_mode="floor")
-    return digits[::-1]

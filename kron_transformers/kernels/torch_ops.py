@@ -15,7 +15,18 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..factorizations.shapes import mixed_radix_digits
+
+def mixed_radix_digits(ids: torch.Tensor, radices: tuple[int, ...]) -> list[torch.Tensor]:
+    """Split integer ids into digits, most significant first (the ``torch.kron`` convention).
+
+    ``id = sum_j d_j * prod_{l>j} radices[l]`` (REFERENCES.md section 0).
+    """
+    digits = []
+    remainder = ids
+    for radix in reversed(radices):
+        digits.append(torch.remainder(remainder, radix))
+        remainder = torch.div(remainder, radix, rounding_mode="floor")
+    return digits[::-1]
 
 
 def kron_materialize(factors: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
@@ -56,7 +67,7 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: 
         after = "n" + ("" if last else "r") + "".join(current)
         state = torch.einsum(f"{before},r{out_letters[mode]}{in_letters[mode]}->{after}", state, factors[mode])
         has_rank = True
-    return state.reshape(flat.shape[0], -1)[:, :out_features].reshape(*lead_shape, out_features)
+    return state.reshape(flat.shape[0], math.prod(out_sizes))[:, :out_features].reshape(*lead_shape, out_features)
 
 
 def kron_vectors_tree(

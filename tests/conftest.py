@@ -1,0 +1,69 @@
+"""Tiny random models built from configs (no downloads) shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+)
+from transformers.utils import logging as hf_logging
+
+
+hf_logging.set_verbosity_error()
+
+VOCAB = 99
+
+# name -> (auto class, config kwargs, kind of inputs)
+ARCHITECTURES = {
+    "bert": (AutoModelForMaskedLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, vocab_size=VOCAB), "lm"),
+    "gpt2": (AutoModelForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0,
+                                        eos_token_id=0), "lm"),
+    "t5": (AutoModelForSeq2SeqLM, dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB,
+                                       decoder_start_token_id=0), "seq2seq"),
+    "bart": (AutoModelForSeq2SeqLM, dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                         vocab_size=VOCAB, scale_embedding=True, bos_token_id=0, eos_token_id=2,
+                                         pad_token_id=1, decoder_start_token_id=2, forced_eos_token_id=2), "seq2seq"),
+    "llama": (AutoModelForCausalLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
+                                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0), "lm"),
+    "vit": (AutoModelForImageClassification, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                  intermediate_size=64, image_size=16, patch_size=4, num_labels=5),
+            "image"),
+}
+
+
+def build_model(name: str, seed: int = 0) -> torch.nn.Module:
+    auto_class, kwargs, _ = ARCHITECTURES[name]
+    torch.manual_seed(seed)
+    model = auto_class.from_config(AutoConfig.for_model(name, **kwargs))
+    # Randomize every parameter: zero-initialized biases and LayerNorms hide bugs.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+        for module in model.modules():  # nn.Embedding's padding row stays zero, as after its own init
+            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx] = 0
+    return model.eval()
+
+
+def make_inputs(name: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    kind = ARCHITECTURES[name][2]
+    if kind == "image":
+        return {"pixel_values": torch.randn(3, 3, 16, 16, generator=generator), "labels": torch.tensor([0, 3, 4])}
+    input_ids = torch.randint(3, VOCAB, (3, 7), generator=generator)
+    if kind == "seq2seq":
+        return {"input_ids": input_ids, "labels": torch.randint(3, VOCAB, (3, 5), generator=generator)}
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def architecture(request) -> str:
+    return request.param
