@@ -7,7 +7,7 @@ print(kt.report(model))
 ```
 """
 
-from .config import KPD, PHM, Kronecker, KronConfig, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
+from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
 from .modules import (
     FactorizedEmbedding,
     FactorizedLinear,

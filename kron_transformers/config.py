@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from .factorizations.shapes import (
@@ -58,8 +58,10 @@ class MethodSpec:
     def __post_init__(self) -> None:
         name = type(self).__name__
         if (self.rank is None) == (self.compression is None):
-            raise ValueError(f"{name}: give exactly one of rank= or compression= (got rank={self.rank}, "
-                             f"compression={self.compression})")
+            raise ValueError(
+                f"{name}: give exactly one of rank= or compression= (got rank={self.rank}, "
+                f"compression={self.compression})"
+            )
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
             raise ValueError(f"{name}: rank must be a positive int, got {self.rank!r}")
         if self.compression is not None and not (isinstance(self.compression, (int, float)) and self.compression > 1):
@@ -104,7 +106,11 @@ class MethodSpec:
         if achieved < self.compression:
             logger.warning(
                 "%s: %s cannot reach compression %.1fx on a %s weight; using rank 1 (%.1fx)",
-                module_name, self.method, self.compression, _describe(rows, cols), achieved,
+                module_name,
+                self.method,
+                self.compression,
+                _describe(rows, cols),
+                achieved,
             )
         else:
             logger.info("%s: %s picked rank %d (%.1fx)", module_name, self.method, rank, achieved)
@@ -342,8 +348,9 @@ class KPD(MethodSpec):
         max_rank = min((rows // m2) * (cols // n2), m2 * n2)
         rank = self._rank_for_budget(parameters, max_rank, rows, cols, module_name)
         m2, n2 = block_for(rank)
-        self._check_rank(rank, min((rows // m2) * (cols // n2), m2 * n2), rows, cols, f"block size {(m2, n2)}",
-                         module_name)
+        self._check_rank(
+            rank, min((rows // m2) * (cols // n2), m2 * n2), rows, cols, f"block size {(m2, n2)}", module_name
+        )
         return {"factorization": "kpd", "block_size": [m2, n2], "rank": rank}
 
 
@@ -395,7 +402,9 @@ class KronConfig:
 
     embedding: MethodSpec | None = field(default=None, metadata={"help": "Spec for the input token embedding."})
     attention: MethodSpec | None = field(default=None, metadata={"help": "Spec for linears inside attention modules."})
-    ffn: MethodSpec | None = field(default=None, metadata={"help": "Spec for the other linears of transformer blocks."})
+    ffn: MethodSpec | None = field(
+        default=None, metadata={"help": "Spec for the other linears of transformer blocks."}
+    )
     lm_head: MethodSpec | None = field(
         default=None, metadata={"help": "Spec for an untied output head (a tied head shares the embedding's factors)."}
     )
@@ -403,7 +412,8 @@ class KronConfig:
         default=None, metadata={"help": "Spec for targeted linears whose role has no spec (e.g. with 'all-linear')."}
     )
     target_modules: str | list[str] | None = field(
-        default=None, metadata={"help": "Restrict compression to these modules: regex string, list of names, 'all-linear'."}
+        default=None,
+        metadata={"help": "Restrict compression to these modules: regex string, list of names, 'all-linear'."},
     )
     exclude_modules: str | list[str] | None = field(
         default=None, metadata={"help": "Never compress these modules (same syntax as target_modules)."}
@@ -431,8 +441,10 @@ class KronConfig:
         if not any(getattr(self, name) is not None for name in (*ROLES, "default")) and not any(
             spec is not None for spec in self.rules.values()
         ):
-            raise ValueError("KronConfig: no method given; set at least one of embedding=, attention=, ffn=, "
-                             "lm_head=, default= or rules=")
+            raise ValueError(
+                "KronConfig: no method given; set at least one of embedding=, attention=, ffn=, "
+                "lm_head=, default= or rules="
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -18,8 +18,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
     torch.manual_seed(0)
-    config = AutoConfig.for_model("t5", d_model=64, d_ff=256, num_layers=2, num_heads=4, d_kv=16, vocab_size=1000,
-                                  decoder_start_token_id=0)
+    config = AutoConfig.for_model(
+        "t5", d_model=64, d_ff=256, num_layers=2, num_heads=4, d_kv=16, vocab_size=1000, decoder_start_token_id=0
+    )
     model = AutoModelForSeq2SeqLM.from_config(config)
     input_ids = torch.randint(1, 1000, (4, 16))
     labels = torch.randint(1, 1000, (4, 8))

@@ -46,16 +46,25 @@ class CompressionReport:
         rows = [header]
         for m in self.modules:
             error = "" if m.init_error is None else f"{m.init_error:.4f}"
-            rows.append((m.name, m.role, m.method, f"{m.shape[0]}x{m.shape[1]}", m.structure,
-                         f"{m.dense_parameters:,}", f"{m.compressed_parameters:,}", f"{m.ratio:.1f}x", error))
+            rows.append(
+                (
+                    m.name,
+                    m.role,
+                    m.method,
+                    f"{m.shape[0]}x{m.shape[1]}",
+                    m.structure,
+                    f"{m.dense_parameters:,}",
+                    f"{m.compressed_parameters:,}",
+                    f"{m.ratio:.1f}x",
+                    error,
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * width for width in widths))
         for head, embedding in self.tied.items():
             lines.append(f"{head}: tied to {embedding} (shares its factors)")
-        lines.append(
-            f"model parameters: {self.total_before:,} -> {self.total_after:,} ({self.ratio:.2f}x smaller)"
-        )
+        lines.append(f"model parameters: {self.total_before:,} -> {self.total_after:,} ({self.ratio:.2f}x smaller)")
         return "\n".join(lines)
 
 
@@ -92,10 +101,17 @@ def report(model: nn.Module) -> CompressionReport:
             raise ValueError(f"report: {name} is recorded as compressed but is a {type(module).__name__}")
         compressed = module.factorization.num_parameters()
         saved += entry["dense_parameters"] - compressed
-        result.modules.append(ModuleReport(
-            name=name, role=entry["role"], method=entry["method"], shape=tuple(entry["shape"]),
-            structure=_describe_structure(entry["structure"]), dense_parameters=entry["dense_parameters"],
-            compressed_parameters=compressed, init_error=entry.get("init_error"),
-        ))
+        result.modules.append(
+            ModuleReport(
+                name=name,
+                role=entry["role"],
+                method=entry["method"],
+                shape=tuple(entry["shape"]),
+                structure=_describe_structure(entry["structure"]),
+                dense_parameters=entry["dense_parameters"],
+                compressed_parameters=compressed,
+                init_error=entry.get("init_error"),
+            )
+        )
     result.total_before = result.total_after + saved
     return result

@@ -121,7 +121,9 @@ def detect_roles(model: nn.Module) -> ModelRoles:
         elif is_embedding(module) and input_weight is not None and module.weight is input_weight:
             info.role = EMBEDDING_ROLE
         elif is_linear(module):
-            ancestors = [by_path[".".join(info.name.split(".")[:depth])] for depth in range(1, info.name.count(".") + 1)]
+            ancestors = [
+                by_path[".".join(info.name.split(".")[:depth])] for depth in range(1, info.name.count(".") + 1)
+            ]
             if any(is_attention_module(a) for a in ancestors):
                 info.role = ATTENTION_ROLE
             elif any(id(a) in blocks for a in ancestors):

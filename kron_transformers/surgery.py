@@ -75,7 +75,17 @@ def _class_path(module: nn.Module) -> str:
 
 
 def _embed_scale(module: nn.Module, name: str) -> float | None:
-    """The scale of transformers' scaled word embeddings, or None for a plain ``nn.Embedding``."""
+    """The scale of transformers' scaled word embeddings, or None for a plain ``nn.Embedding``.
+
+    Raises for embedding features a factorized table cannot honour (``max_norm`` renormalizes
+    stored rows in place; ``sparse`` gradients; ``scale_grad_by_freq``).
+    """
+    for option, off in (("max_norm", None), ("sparse", False), ("scale_grad_by_freq", False)):
+        if getattr(module, option, off) != off:
+            raise ValueError(
+                f"{name}: nn.Embedding({option}={getattr(module, option)!r}) is not supported by factorized "
+                f"embeddings; set {option}={off!r} on the model or exclude {name!r}"
+            )
     scale = getattr(module, "embed_scale", None)
     if scale is None:
         if type(module).forward is not nn.Embedding.forward:
@@ -133,9 +143,7 @@ def _warn_unmatched(config: KronConfig, infos: list[ModuleInfo]) -> None:
 
 def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan]:
     """Resolve every module's spec and structure; raise ``ValueError`` before any change."""
-    candidates = [
-        info for info in roles.modules.values() if is_linear(info.module) or is_embedding(info.module)
-    ]
+    candidates = [info for info in roles.modules.values() if is_linear(info.module) or is_embedding(info.module)]
     _warn_unmatched(config, candidates)
     specs = {id(info.module): _resolve_spec(info, config, roles) for info in candidates}
     plans: list[_Plan] = []
@@ -206,6 +214,7 @@ def _build(plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbeddi
     weight = _weight_matrix(module)
     factorization = build_factorization(plan.structure, plan.rows, plan.cols).to(weight.device, weight.dtype)
     plan.init_error = _initialize(factorization, weight, init)
+    factorization.requires_grad_(weight.requires_grad)  # a frozen dense weight gives frozen factors
     if plan.kind == KIND_EMBEDDING:
         plan.replacements = [
             FactorizedEmbedding.wrap(factorization, info.module.padding_idx, _embed_scale(info.module, info.name))
@@ -239,14 +248,23 @@ def _record(plan: _Plan) -> dict[str, Any]:
         record["tied_to"] = None  # filled by compress_model with the embedding's name
         record["bias"] = getattr(module, "bias", None) is not None
         return record
-    record.update(method=plan.spec.method, structure=plan.structure, init_error=plan.init_error,
-                  dense_parameters=module.weight.numel())
+    record.update(
+        method=plan.spec.method,
+        structure=plan.structure,
+        init_error=plan.init_error,
+        dense_parameters=module.weight.numel(),
+    )
     if plan.kind == KIND_EMBEDDING:
         record["padding_idx"] = module.padding_idx
         record["embed_scale"] = _embed_scale(module, plan.info.name)
         record["shared_with"] = [
-            {"name": info.name, "aliases": info.names[1:], "padding_idx": info.module.padding_idx,
-             "embed_scale": _embed_scale(info.module, info.name), "dense_class": _class_path(info.module)}
+            {
+                "name": info.name,
+                "aliases": info.names[1:],
+                "padding_idx": info.module.padding_idx,
+                "embed_scale": _embed_scale(info.module, info.name),
+                "dense_class": _class_path(info.module),
+            }
             for info in plan.group[1:]
         ]
     else:
@@ -379,8 +397,9 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
         if plan.init_error is not None:
             logger.info("%s: %s init relative error %.4f", plan.info.name, plan.spec.method, plan.init_error)
 
-    _set_record(model, {"version": RECORD_VERSION, "init": config.init, "config": config.to_dict(),
-                        "modules": records})
+    _set_record(
+        model, {"version": RECORD_VERSION, "init": config.init, "config": config.to_dict(), "modules": records}
+    )
     _rewrite_tied_weights_keys(model)
     return model
 
@@ -398,8 +417,9 @@ def _dense_class(path: str | None, default: type[nn.Module]) -> type[nn.Module]:
     return cls if isinstance(cls, type) and issubclass(cls, default) else default
 
 
-def _dense_embedding(weight: nn.Parameter, padding_idx: int | None, embed_scale: float | None,
-                     class_path: str | None) -> nn.Embedding:
+def _dense_embedding(
+    weight: nn.Parameter, padding_idx: int | None, embed_scale: float | None, class_path: str | None
+) -> nn.Embedding:
     cls = _dense_class(class_path, nn.Embedding)
     embedding = cls.__new__(cls)
     nn.Embedding.__init__(embedding, weight.shape[0], weight.shape[1], padding_idx=padding_idx, _weight=weight)
@@ -417,8 +437,9 @@ def _dense_linear(module: FactorizedLinear) -> nn.Module:
         dense.weight = weight
         dense.bias = module.bias if module.bias is not None else nn.Parameter(torch.zeros_like(dense.bias))
         return dense
-    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                      device=weight.device, dtype=weight.dtype)
+    dense = nn.Linear(
+        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype
+    )
     dense.weight = weight
     if module.bias is not None:
         dense.bias = module.bias
@@ -459,15 +480,21 @@ def decompress_model(model: nn.Module) -> nn.Module:
     replacements: dict[int, nn.Module] = {}
     for key, module in modules.items():
         if isinstance(module, FactorizedEmbedding):
-            replacements[key] = _dense_embedding(table_for(module), module.padding_idx, module.embed_scale,
-                                                 class_paths.get(paths[key][0]))
+            replacements[key] = _dense_embedding(
+                table_for(module), module.padding_idx, module.embed_scale, class_paths.get(paths[key][0])
+            )
         elif isinstance(module, FactorizedLinear):
             replacements[key] = _dense_linear(module)
     for key, module in modules.items():
         if isinstance(module, TiedFactorizedHead):
             weight = table_for(module)
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device=weight.device, dtype=weight.dtype)
+            dense = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
             dense.weight = weight
             if module.bias is not None:
                 dense.bias = module.bias

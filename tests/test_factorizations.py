@@ -42,10 +42,12 @@ def reference_dense(factorization) -> torch.Tensor:
     if isinstance(factorization, LowRankFactorization):
         return factorization.left @ factorization.right
     if isinstance(factorization, Word2KetFactorization):
-        table = torch.stack([
-            sum(kron_chain([leaf[v, k] for leaf in factorization.leaves]) for k in range(factorization.rank))
-            for v in range(rows)
-        ])
+        table = torch.stack(
+            [
+                sum(kron_chain([leaf[v, k] for leaf in factorization.leaves]) for k in range(factorization.rank))
+                for v in range(rows)
+            ]
+        )
         return table[:, :cols]
     raise AssertionError(type(factorization))
 
@@ -94,13 +96,15 @@ def test_matmul_and_gather_equal_dense(factorization, batch_shape):
 def test_explicit_factored_path_equals_dense(name):
     """The factored kernel itself (not the cost-model choice) matches the dense product."""
     factorization = randomize(CASES[name]().double())
-    factors = (list(factorization.factors) if isinstance(factorization, KroneckerSum)
-               else factorization.kronecker_factors())
+    factors = (
+        list(factorization.factors) if isinstance(factorization, KroneckerSum) else factorization.kronecker_factors()
+    )
     dense = reference_dense(factorization)
     x = torch.randn(4, factorization.cols)
     torch.testing.assert_close(kron_matmul(x, factors, factorization.rows), x @ dense.T, rtol=0, atol=1e-10)
-    torch.testing.assert_close(kron_materialize(factors, factorization.rows, factorization.cols), dense,
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        kron_materialize(factors, factorization.rows, factorization.cols), dense, rtol=0, atol=1e-12
+    )
     ids = torch.tensor([0, factorization.rows - 1, 3])
     torch.testing.assert_close(kron_gather_rows(ids, factors, factorization.cols), dense[ids], rtol=0, atol=1e-12)
 
@@ -186,11 +190,14 @@ def test_word2ket_order2_fit_is_per_row_optimal():
     assert error == pytest.approx(float(per_row_residual.sqrt() / weight.norm()), rel=1e-9)
 
 
-@pytest.mark.parametrize("case", [
-    lambda: KroneckerSum(16, 24, ((2, 3), (4, 2), (2, 4)), rank=2),
-    lambda: KroneckerSum(30, 24, ((2, 3), (3, 2), (5, 4)), rank=3),
-    lambda: Word2KetFactorization(5, 27, (3, 3, 3), rank=2),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        lambda: KroneckerSum(16, 24, ((2, 3), (4, 2), (2, 4)), rank=2),
+        lambda: KroneckerSum(30, 24, ((2, 3), (3, 2), (5, 4)), rank=3),
+        lambda: Word2KetFactorization(5, 27, (3, 3, 3), rank=2),
+    ],
+)
 def test_order_n_fit_recovers_planted_factorization(case):
     planted = randomize(case().double(), seed=3)
     target = planted.materialize().detach()
@@ -227,11 +234,14 @@ def test_order3_fit_is_no_worse_than_its_order2_coarsening_bound():
 # ---------------------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("rows, cols, order, expected", [
-    (768, 768, 2, ((24, 32), (32, 24))),
-    (512, 2048, 2, ((16, 64), (32, 32))),
-    (3072, 768, 2, ((48, 32), (64, 24))),
-])
+@pytest.mark.parametrize(
+    "rows, cols, order, expected",
+    [
+        (768, 768, 2, ((24, 32), (32, 24))),
+        (512, 2048, 2, ((16, 64), (32, 32))),
+        (3072, 768, 2, ((48, 32), (64, 24))),
+    ],
+)
 def test_balanced_shapes_are_exact_when_possible(rows, cols, order, expected):
     assert balanced_factor_shapes(rows, cols, order) == expected
 

@@ -66,8 +66,9 @@ def test_conv1d_layout_matches_transformers_conv1d():
 @pytest.mark.parametrize("name", sorted(EMBEDDING_CASES))
 def test_embedding_equals_nn_embedding(name):
     embedding = randomized(EMBEDDING_CASES[name]())
-    dense = nn.Embedding.from_pretrained(embedding.materialize().detach(), freeze=False,
-                                         padding_idx=embedding.padding_idx)
+    dense = nn.Embedding.from_pretrained(
+        embedding.materialize().detach(), freeze=False, padding_idx=embedding.padding_idx
+    )
     ids = torch.randint(0, embedding.num_embeddings, (3, 9))
     if embedding.padding_idx is not None:
         ids[0, 0] = embedding.padding_idx
@@ -114,6 +115,7 @@ def test_tied_head_of_kronecker_embedding_never_forms_the_table(monkeypatch):
         raise AssertionError("the vocab x dim table was formed")
 
     import kron_transformers.factorizations.kronecker as kronecker
+
     monkeypatch.setattr(kronecker, "kron_materialize", forbidden)
     torch.testing.assert_close(head(hidden), expected, rtol=0, atol=1e-10)
 
@@ -121,8 +123,9 @@ def test_tied_head_of_kronecker_embedding_never_forms_the_table(monkeypatch):
 @pytest.mark.parametrize("name", sorted(LINEAR_CASES))
 def test_linear_rebuilds_from_structure(name):
     layer = LINEAR_CASES[name]()
-    rebuilt = FactorizedLinear.from_structure(layer.factorization.structure(), layer.in_features,
-                                              layer.out_features, layer.bias is not None)
+    rebuilt = FactorizedLinear.from_structure(
+        layer.factorization.structure(), layer.in_features, layer.out_features, layer.bias is not None
+    )
     assert type(rebuilt) is type(layer)
     rebuilt.load_state_dict(layer.state_dict())
     x = torch.randn(2, layer.in_features)
@@ -132,8 +135,9 @@ def test_linear_rebuilds_from_structure(name):
 @pytest.mark.parametrize("name", sorted(EMBEDDING_CASES))
 def test_embedding_rebuilds_from_structure(name):
     embedding = EMBEDDING_CASES[name]()
-    rebuilt = FactorizedEmbedding.from_structure(embedding.factorization.structure(), embedding.num_embeddings,
-                                                 embedding.embedding_dim, embedding.padding_idx)
+    rebuilt = FactorizedEmbedding.from_structure(
+        embedding.factorization.structure(), embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx
+    )
     assert type(rebuilt) is type(embedding)
     rebuilt.load_state_dict(embedding.state_dict())
     ids = torch.arange(embedding.num_embeddings)

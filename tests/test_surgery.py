@@ -8,28 +8,32 @@ import warnings
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, build_model, make_inputs
 from torch import nn
 
 import kron_transformers as kt
 from kron_transformers.factorizations import max_kronecker_rank
 from kron_transformers.modules import CONV1D_LAYOUT, FactorizedEmbedding, FactorizedLinear, TiedFactorizedHead
-from conftest import ARCHITECTURES, build_model, make_inputs
 
 
 TEXT_ARCHITECTURES = sorted(name for name, (_, _, kind) in ARCHITECTURES.items() if kind != "image")
 
 METHODS = {
-    "shapeshifter": lambda: kt.KronConfig(embedding=kt.Shapeshifter(rank=4), attention=kt.Shapeshifter(rank=2),
-                                          ffn=kt.Shapeshifter(rank=2)),
-    "word2ketxs_kpd": lambda: kt.KronConfig(embedding=kt.Word2KetXS(rank=4), attention=kt.Shapeshifter(rank=2),
-                                            ffn=kt.KPD(rank=2, block_size=(2, 2))),
-    "word2ket_phm": lambda: kt.KronConfig(embedding=kt.Word2Ket(rank=2), attention=kt.PHM(n=4),
-                                          ffn=kt.PHM(n=2)),
-    "kronecker_order3": lambda: kt.KronConfig(embedding=kt.Word2KetXS(order=3, rank=2),
-                                              attention=kt.Kronecker(order=3, rank=2),
-                                              ffn=kt.Kronecker(order=3, rank=2)),
-    "low_rank": lambda: kt.KronConfig(embedding=kt.LowRank(rank=4), attention=kt.LowRank(rank=4),
-                                      ffn=kt.LowRank(rank=4)),
+    "shapeshifter": lambda: kt.KronConfig(
+        embedding=kt.Shapeshifter(rank=4), attention=kt.Shapeshifter(rank=2), ffn=kt.Shapeshifter(rank=2)
+    ),
+    "word2ketxs_kpd": lambda: kt.KronConfig(
+        embedding=kt.Word2KetXS(rank=4), attention=kt.Shapeshifter(rank=2), ffn=kt.KPD(rank=2, block_size=(2, 2))
+    ),
+    "word2ket_phm": lambda: kt.KronConfig(embedding=kt.Word2Ket(rank=2), attention=kt.PHM(n=4), ffn=kt.PHM(n=2)),
+    "kronecker_order3": lambda: kt.KronConfig(
+        embedding=kt.Word2KetXS(order=3, rank=2),
+        attention=kt.Kronecker(order=3, rank=2),
+        ffn=kt.Kronecker(order=3, rank=2),
+    ),
+    "low_rank": lambda: kt.KronConfig(
+        embedding=kt.LowRank(rank=4), attention=kt.LowRank(rank=4), ffn=kt.LowRank(rank=4)
+    ),
 }
 
 
@@ -39,8 +43,10 @@ def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def snapshot(model: nn.Module) -> tuple[dict, list]:
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(name, type(module)) for name, module in model.named_modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(name, type(module)) for name, module in model.named_modules()],
+    )
 
 
 def assert_unchanged(model: nn.Module, before: tuple[dict, list]) -> None:
@@ -64,8 +70,9 @@ def test_compress_runs_and_decompress_is_exact(architecture, method):
     model.train()
     loss = model(**inputs).loss
     loss.backward()
-    factor_grads = [p.grad for m in model.modules() if isinstance(m, FactorizedLinear)
-                    for p in m.factorization.parameters()]
+    factor_grads = [
+        p.grad for m in model.modules() if isinstance(m, FactorizedLinear) for p in m.factorization.parameters()
+    ]
     assert factor_grads and all(g is not None and torch.isfinite(g).all() for g in factor_grads)
     assert any(g.abs().sum() > 0 for g in factor_grads)
 
@@ -80,8 +87,12 @@ def test_compress_runs_and_decompress_is_exact(architecture, method):
 def test_training_steps_lower_the_loss(architecture):
     model = build_model(architecture)
     inputs = make_inputs(architecture)
-    config = kt.KronConfig(embedding=kt.Word2KetXS(rank=4), attention=kt.Shapeshifter(rank=2),
-                           ffn=kt.KPD(rank=2, block_size=(2, 2)), init="random")
+    config = kt.KronConfig(
+        embedding=kt.Word2KetXS(rank=4),
+        attention=kt.Shapeshifter(rank=2),
+        ffn=kt.KPD(rank=2, block_size=(2, 2)),
+        init="random",
+    )
     kt.compress_model(model, config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -152,17 +163,24 @@ def test_untied_head_follows_the_lm_head_spec():
 
 
 BAD_CONFIGS = {
-    "rank_too_large": (lambda: kt.KronConfig(attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=500)),
-                       "rank 500 exceeds the maximum"),
-    "embedding_method_on_linears": (lambda: kt.KronConfig(attention=kt.Word2KetXS(rank=2)),
-                                    "Word2KetXS applies to embedding layers only"),
-    "kpd_block_does_not_tile": (lambda: kt.KronConfig(ffn=kt.KPD(rank=1, block_size=(5, 5))),
-                                "does not tile"),
-    "spec_for_tied_head": (lambda: kt.KronConfig(embedding=kt.Word2KetXS(rank=2), lm_head=kt.LowRank(rank=2)),
-                           "is tied to"),
+    "rank_too_large": (
+        lambda: kt.KronConfig(attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=500)),
+        "rank 500 exceeds the maximum",
+    ),
+    "embedding_method_on_linears": (
+        lambda: kt.KronConfig(attention=kt.Word2KetXS(rank=2)),
+        "Word2KetXS applies to embedding layers only",
+    ),
+    "kpd_block_does_not_tile": (lambda: kt.KronConfig(ffn=kt.KPD(rank=1, block_size=(5, 5))), "does not tile"),
+    "spec_for_tied_head": (
+        lambda: kt.KronConfig(embedding=kt.Word2KetXS(rank=2), lm_head=kt.LowRank(rank=2)),
+        "is tied to",
+    ),
     "head_without_its_tied_embedding": (lambda: kt.KronConfig(lm_head=kt.LowRank(rank=2)), "is tied to"),
-    "bad_regex": (lambda: kt.KronConfig(default=kt.LowRank(rank=2), target_modules="(["),
-                  "not a valid regular expression"),
+    "bad_regex": (
+        lambda: kt.KronConfig(default=kt.LowRank(rank=2), target_modules="(["),
+        "not a valid regular expression",
+    ),
 }
 
 
@@ -180,8 +198,11 @@ def test_bad_config_raises_and_leaves_the_model_untouched(case):
 
 def test_unmatched_patterns_warn():
     model = build_model("bert")
-    config = kt.KronConfig(attention=kt.Shapeshifter(rank=2), exclude_modules=["no_such_module"],
-                           rules={"also_missing": kt.LowRank(rank=2)})
+    config = kt.KronConfig(
+        attention=kt.Shapeshifter(rank=2),
+        exclude_modules=["no_such_module"],
+        rules={"also_missing": kt.LowRank(rank=2)},
+    )
     with pytest.warns(UserWarning) as record:
         kt.compress_model(model, config)
     messages = " ".join(str(w.message) for w in record)
@@ -191,7 +212,8 @@ def test_unmatched_patterns_warn():
 def test_targeting_rules_exclusions_and_all_linear():
     model = build_model("bert")
     config = kt.KronConfig(
-        default=kt.LowRank(rank=2), target_modules="all-linear",
+        default=kt.LowRank(rank=2),
+        target_modules="all-linear",
         rules={r".*attention\.self\.query": kt.Shapeshifter(rank=2), "value": None},
         exclude_modules=r"bert\.encoder\.layer\.1\..*",
     )
@@ -209,8 +231,12 @@ def test_targeting_rules_exclusions_and_all_linear():
 
 def test_target_modules_list_matches_suffixes():
     model = build_model("llama")
-    kt.compress_model(model, kt.KronConfig(attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=2),
-                                           target_modules=["q_proj", "down_proj"]))
+    kt.compress_model(
+        model,
+        kt.KronConfig(
+            attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=2), target_modules=["q_proj", "down_proj"]
+        ),
+    )
     names = set(kt.compression_record(model)["modules"])
     assert names == {f"model.layers.{i}.{leaf}" for i in range(2) for leaf in ("self_attn.q_proj", "mlp.down_proj")}
 
@@ -294,3 +320,22 @@ def test_plain_torch_module_with_default_spec():
     x = torch.randn(3, 12)
     assert isinstance(model[0], nn.Linear)
     assert (model(x) - reference(x)).abs().max() < 1.0  # rank-2 approximation, same scale
+
+
+def test_unsupported_embedding_options_are_refused():
+    model = build_model("bert")
+    model.get_input_embeddings().max_norm = 1.0
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"max_norm=1.0\) is not supported"):
+        kt.compress_model(model, kt.KronConfig(embedding=kt.Word2KetXS(rank=2), attention=kt.Shapeshifter(rank=2)))
+    assert_unchanged(model, before)
+
+
+def test_frozen_weights_give_frozen_factors():
+    model = build_model("bert")
+    model.bert.encoder.layer[0].attention.self.query.weight.requires_grad_(False)
+    kt.compress_model(model, kt.KronConfig(attention=kt.Shapeshifter(rank=2)))
+    assert not any(
+        p.requires_grad for p in model.bert.encoder.layer[0].attention.self.query.factorization.parameters()
+    )
+    assert all(p.requires_grad for p in model.bert.encoder.layer[0].attention.self.key.factorization.parameters())

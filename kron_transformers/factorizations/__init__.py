@@ -1,9 +1,9 @@
 """Parameter containers for one structured weight matrix (DESIGN.md layer 1)."""
 
+from ..kernels import mixed_radix_digits
 from .base import FACTORIZATIONS, Factorization, build_factorization, register_factorization
 from .kronecker import KPDFactorization, KroneckerSum
 from .low_rank import LowRankFactorization
-from ..kernels import mixed_radix_digits
 from .shapes import balanced_factor_shapes, max_kronecker_rank
 from .word2ket import Word2KetFactorization
 

@@ -73,26 +73,20 @@ def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
     return moved.reshape(tensor.shape[0], tensor.shape[mode + 1], -1)
 
 
-def cp_als(
-    tensor: torch.Tensor,
-    rank: int,
-    iterations: int = 100,
-    tolerance: float = 1e-12,
-    initial: list[torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
+def cp_als(tensor: torch.Tensor, rank: int, iterations: int = 100, tolerance: float = 1e-12) -> list[torch.Tensor]:
     """Batched rank-r CP decomposition ``T[b] ≈ sum_k ⊗_j f_jk[b]`` by alternating least squares.
 
     ``tensor`` has shape ``(B, d_1, ..., d_n)``; returns factors ``(B, rank, d_j)``. Initialized
     from the leading left singular vectors of each unfolding (HOSVD), padded with small random
-    directions when ``rank > d_j`` (or from ``initial``, a warm start); each step solves the normal equations with the Hadamard
+    directions when ``rank > d_j``; each step solves the normal equations with the Hadamard
     product of the other factors' Gram matrices (damped, so degenerate inputs give no NaN).
     """
     batch = tensor.shape[0]
     dims = tensor.shape[1:]
     order = len(dims)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    factors = [f.clone() for f in initial] if initial is not None else []
-    for mode, dim in enumerate(dims if initial is None else []):
+    factors = []
+    for mode, dim in enumerate(dims):
         unfolded = _unfold(tensor, mode)
         gram = unfolded @ unfolded.transpose(1, 2)
         _, eigvecs = torch.linalg.eigh(gram)

@@ -34,9 +34,7 @@ def dense_matmul_flops(factor_shapes: FactorShapes, rank: int, batch: int, rows:
     return rank * padded + batch * rows * cols
 
 
-def kronecker_sum_matmul(
-    x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int
-) -> torch.Tensor:
+def kronecker_sum_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
     """``x @ W.T`` by the cheaper of the factored product and materialize-then-matmul.
 
     The choice is a FLOP count on static shapes, so it is the same on every call with the
@@ -174,4 +172,3 @@ class KPDFactorization(Factorization):
         self.a.copy_(a.reshape(self.rank, *self.s.shape).to(self.a.dtype))
         self.b.copy_(b.reshape(self.rank, *self.block_size).to(self.b.dtype))
         return self.relative_error(weight)
-

@@ -27,7 +27,7 @@ def _exact_factorizations(size: int, order: int, minimum: int = 1) -> list[tuple
         return [(size,)] if size >= minimum else []
     result = []
     factor = minimum
-    while factor ** order <= size:
+    while factor**order <= size:
         if size % factor == 0:
             for rest in _exact_factorizations(size // factor, order - 1, factor):
                 result.append((factor,) + rest)
@@ -92,7 +92,7 @@ def balanced_factor_shapes(
     pad_cols: bool = True,
     tolerance: float = DEFAULT_PADDING_TOLERANCE,
 ) -> FactorShapes:
-    """Factor shapes ``((a_1, b_1), ..., (a_n, b_n))`` with every ``a_j`` near ``rows^(1/n)`` and ``b_j`` near ``cols^(1/n)``.
+    """Factor shapes ``((a_1, b_1), ..., (a_n, b_n))``, ``a_j ~ rows^(1/n)`` and ``b_j ~ cols^(1/n)``.
 
     Each side is split into its most balanced factorization (exact, or padded by at most
     ``tolerance`` where allowed and better balanced); the ``a`` are then sorted ascending and
@@ -119,7 +119,9 @@ def validate_factor_shapes(factor_shapes: FactorShapes, rows: int, cols: int, ow
     try:
         shapes = tuple((int(a), int(b)) for a, b in factor_shapes)
     except (TypeError, ValueError):
-        raise TypeError(f"{owner}: factor_shapes must be a sequence of (rows, cols) pairs, got {factor_shapes!r}") from None
+        raise TypeError(
+            f"{owner}: factor_shapes must be a sequence of (rows, cols) pairs, got {factor_shapes!r}"
+        ) from None
     if len(shapes) < 2:
         raise ValueError(f"{owner}: need at least 2 factor shapes, got {shapes}")
     if any(a < 1 or b < 1 for a, b in shapes):

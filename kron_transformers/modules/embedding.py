@@ -17,6 +17,7 @@ from ..factorizations import (
     build_factorization,
 )
 from ..factorizations.shapes import VOCAB_PADDING_TOLERANCE, balanced_factors
+from .dense_view import dense_weight_property
 
 
 def zero_index(tensor: torch.Tensor, index: int | None, dim: int) -> torch.Tensor:
@@ -57,7 +58,11 @@ class FactorizedEmbedding(nn.Module):
 
     @classmethod
     def from_structure(
-        cls, structure: dict[str, Any], num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+        cls,
+        structure: dict[str, Any],
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
         embed_scale: float | None = None,
     ) -> FactorizedEmbedding:
         """Rebuild an embedding from a recorded ``Factorization.structure()`` (random values)."""
@@ -83,9 +88,7 @@ class FactorizedEmbedding(nn.Module):
         """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero (scale not applied)."""
         return zero_index(self.factorization.materialize(), self.padding_idx, 0)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.materialize()
+    weight = dense_weight_property()
 
     def num_parameters(self) -> int:
         return self.factorization.num_parameters()
@@ -105,11 +108,18 @@ class KronEmbedding(FactorizedEmbedding):
     """
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, rank: int, order: int = 2,
-        factor_shapes: Sequence[Sequence[int]] | None = None, padding_idx: int | None = None,
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        order: int = 2,
+        factor_shapes: Sequence[Sequence[int]] | None = None,
+        padding_idx: int | None = None,
     ) -> None:
-        shapes = factor_shapes if factor_shapes is not None else balanced_factor_shapes(
-            num_embeddings, embedding_dim, order, True, False, VOCAB_PADDING_TOLERANCE
+        shapes = (
+            factor_shapes
+            if factor_shapes is not None
+            else balanced_factor_shapes(num_embeddings, embedding_dim, order, True, False, VOCAB_PADDING_TOLERANCE)
         )
         super().__init__(KroneckerSum(num_embeddings, embedding_dim, shapes, rank), padding_idx)
 
@@ -118,8 +128,14 @@ class Word2KetEmbedding(FactorizedEmbedding):
     """word2ket: each token's vector ``sum_k ⊗_j v_jk`` (seed 003, eq. 3.3), balanced tree, optional LayerNorm."""
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, rank: int, order: int = 2,
-        leaf_dims: Sequence[int] | None = None, layer_norm: bool = False, padding_idx: int | None = None,
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        order: int = 2,
+        leaf_dims: Sequence[int] | None = None,
+        layer_norm: bool = False,
+        padding_idx: int | None = None,
     ) -> None:
         dims = leaf_dims if leaf_dims is not None else balanced_factors(embedding_dim, order)
         super().__init__(Word2KetFactorization(num_embeddings, embedding_dim, dims, rank, layer_norm), padding_idx)
@@ -163,9 +179,7 @@ class TiedFactorizedHead(nn.Module):
         """Dense ``(vocab, dim)`` weight as ``nn.Linear`` stores it (padding row zero)."""
         return zero_index(self.factorization.materialize(), self.padding_idx, 0)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.materialize()
+    weight = dense_weight_property()
 
     def num_parameters(self) -> int:
         """Own parameters only (the bias); the factors belong to the embedding."""

@@ -16,6 +16,7 @@ from ..factorizations import (
     balanced_factor_shapes,
     build_factorization,
 )
+from .dense_view import dense_weight_property
 
 
 LINEAR_LAYOUT = "linear"  # weight stored (out, in), y = x W^T + b
@@ -34,7 +35,9 @@ class FactorizedLinear(nn.Module):
     def __init__(self, factorization: Factorization, bias: bool = True, weight_layout: str = LINEAR_LAYOUT) -> None:
         super().__init__()
         if weight_layout not in WEIGHT_LAYOUTS:
-            raise ValueError(f"{type(self).__name__}: weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+            raise ValueError(
+                f"{type(self).__name__}: weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}"
+            )
         self.factorization = factorization
         self.in_features = factorization.cols
         self.out_features = factorization.rows
@@ -46,7 +49,11 @@ class FactorizedLinear(nn.Module):
 
     @classmethod
     def from_structure(
-        cls, structure: dict[str, Any], in_features: int, out_features: int, bias: bool = True,
+        cls,
+        structure: dict[str, Any],
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
         weight_layout: str = LINEAR_LAYOUT,
     ) -> FactorizedLinear:
         """Rebuild a layer from a recorded ``Factorization.structure()`` (random values)."""
@@ -68,9 +75,7 @@ class FactorizedLinear(nn.Module):
         weight = self.factorization.materialize()
         return weight.T if self.weight_layout == CONV1D_LAYOUT else weight
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.materialize()
+    weight = dense_weight_property()
 
     def num_parameters(self) -> int:
         """Parameters of the factorization plus the bias."""
@@ -78,7 +83,9 @@ class FactorizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         layout = "" if self.weight_layout == LINEAR_LAYOUT else f", weight_layout={self.weight_layout}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{layout}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{layout}"
+        )
 
 
 class KronLinear(FactorizedLinear):
@@ -92,10 +99,18 @@ class KronLinear(FactorizedLinear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, factor_shapes: Sequence[Sequence[int]] | None = None,
-        order: int = 2, bias: bool = True, weight_layout: str = LINEAR_LAYOUT,
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        factor_shapes: Sequence[Sequence[int]] | None = None,
+        order: int = 2,
+        bias: bool = True,
+        weight_layout: str = LINEAR_LAYOUT,
     ) -> None:
-        shapes = factor_shapes if factor_shapes is not None else balanced_factor_shapes(out_features, in_features, order)
+        shapes = (
+            factor_shapes if factor_shapes is not None else balanced_factor_shapes(out_features, in_features, order)
+        )
         super().__init__(KroneckerSum(out_features, in_features, shapes, rank), bias, weight_layout)
 
 
@@ -103,7 +118,12 @@ class KPDLinear(FactorizedLinear):
     """``y = x (sum_i (S ⊙ A_i) ⊗ B_i)^T + b`` (seed 001, eq. 3); ``block_size`` = ``B_i``'s shape."""
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, block_size: Sequence[int], bias: bool = True,
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        block_size: Sequence[int],
+        bias: bool = True,
         weight_layout: str = LINEAR_LAYOUT,
     ) -> None:
         super().__init__(KPDFactorization(out_features, in_features, block_size, rank), bias, weight_layout)
