@@ -16,34 +16,43 @@ from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_fact
 from .shapes import FactorShapes, validate_factor_shapes
 
 
-def factored_matmul_flops(factor_shapes: FactorShapes, rank: int, batch: int) -> int:
-    """Multiply-adds of ``kron_matmul`` (modes contracted last to first) for ``batch`` rows."""
+# Cost of writing and re-reading one element of an intermediate, in multiply-adds. The factored
+# path's intermediates are r times larger than its input and memory-bound; on the CPU benchmark
+# (benchmarks/layers.py) ignoring them chose the factored path where it was 4x slower than dense.
+INTERMEDIATE_ELEMENT_COST = 16
+
+
+def factored_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int) -> int:
+    """Multiply-adds of ``kron_matmul`` (modes contracted last to first) plus its intermediates' traffic."""
     state = [b for _, b in factor_shapes]
     flops = 0
+    traffic = 0
     for mode in reversed(range(len(factor_shapes))):
         a, b = factor_shapes[mode]
         others = math.prod(state) // state[mode]
         flops += rank * others * a * b
         state[mode] = a
-    return batch * flops
+        if mode:
+            traffic += rank * math.prod(state)
+    return batch * (flops + INTERMEDIATE_ELEMENT_COST * traffic)
 
 
-def dense_matmul_flops(factor_shapes: FactorShapes, rank: int, batch: int, rows: int, cols: int) -> int:
-    """Multiply-adds of materialize-then-matmul: building ``W`` plus the dense product."""
+def dense_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int, rows: int, cols: int) -> int:
+    """Multiply-adds of materialize-then-matmul: building ``W`` (one GEMM over the rank) plus the product."""
     padded = math.prod(a for a, _ in factor_shapes) * math.prod(b for _, b in factor_shapes)
-    return rank * padded + batch * rows * cols
+    return rank * padded + INTERMEDIATE_ELEMENT_COST * padded + batch * rows * cols
 
 
 def kronecker_sum_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
     """``x @ W.T`` by the cheaper of the factored product and materialize-then-matmul.
 
-    The choice is a FLOP count on static shapes, so it is the same on every call with the
-    same batch size (no data-dependent branch).
+    The choice is a cost count on static shapes (multiply-adds plus intermediate traffic), so it
+    is the same on every call with the same batch size (no data-dependent branch).
     """
     factor_shapes = tuple((f.shape[1], f.shape[2]) for f in factors)
     rank = factors[0].shape[0]
     batch = x.numel() // max(cols, 1)
-    if factored_matmul_flops(factor_shapes, rank, batch) <= dense_matmul_flops(factor_shapes, rank, batch, rows, cols):
+    if factored_matmul_cost(factor_shapes, rank, batch) <= dense_matmul_cost(factor_shapes, rank, batch, rows, cols):
         return kron_matmul(x, factors, rows)
     return F.linear(x, kron_materialize(factors, rows, cols))
 

@@ -29,14 +29,46 @@ def mixed_radix_digits(ids: torch.Tensor, radices: tuple[int, ...]) -> list[torc
     return digits[::-1]
 
 
-def kron_materialize(factors: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
-    """Dense ``W = sum_k ⊗_j F_jk`` cropped to ``(rows, cols)``; cost ``r * prod(a) * prod(b)``."""
+def _kron_with_rank(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(r, prod a, prod b)``: the Kronecker product of each rank term, not yet summed."""
     product = factors[0]
     for factor in factors[1:]:
         r, a, b = product.shape
         _, c, d = factor.shape
         product = (product[:, :, None, :, None] * factor[:, None, :, None, :]).reshape(r, a * c, b * d)
-    return product.sum(0)[:rows, :cols]
+    return product
+
+
+def kron_materialize(factors: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """Dense ``W = sum_k ⊗_j F_jk`` cropped to ``(rows, cols)``.
+
+    The last factor's Kronecker product and the sum over the rank are one matrix product,
+    ``R(W) = L^T F_n`` with ``L`` the other factors' products flattened per rank term (the inverse
+    of the Van Loan-Pitsianis rearrangement), so no ``(r, rows, cols)`` intermediate is formed.
+    """
+    rank = factors[0].shape[0]
+    head = _kron_with_rank(factors[:-1])  # (r, A, B)
+    _, head_rows, head_cols = head.shape
+    _, last_rows, last_cols = factors[-1].shape
+    rearranged = head.reshape(rank, -1).T @ factors[-1].reshape(rank, -1)  # (A*B, a*b)
+    dense = rearranged.reshape(head_rows, head_cols, last_rows, last_cols).permute(0, 2, 1, 3)
+    return dense.reshape(head_rows * last_rows, head_cols * last_cols)[:rows, :cols]
+
+
+def _kron_matmul_order2(flat: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Order-2 ``x @ W.T`` as two plain GEMMs: ``Y = sum_k F_1k X F_2k^T`` for ``x`` viewed as ``(b_1, b_2)``.
+
+    Stacking the rank into the GEMMs' inner and outer dimensions keeps each step one large
+    matrix product instead of ``r`` small batched ones.
+    """
+    batch = flat.shape[0]
+    rank, first_rows, first_cols = first.shape
+    _, second_rows, second_cols = second.shape
+    step = flat.reshape(batch * first_cols, second_cols) @ second.permute(2, 0, 1).reshape(second_cols, -1)
+    step = step.reshape(batch, first_cols, rank, second_rows).permute(0, 3, 2, 1)
+    step = step.reshape(batch * second_rows, rank * first_cols)
+    result = step @ first.permute(0, 2, 1).reshape(rank * first_cols, first_rows)
+    return result.reshape(batch, second_rows, first_rows).transpose(1, 2).reshape(batch, first_rows * second_rows)
 
 
 def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: int) -> torch.Tensor:
@@ -54,19 +86,21 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: 
     padding = math.prod(in_sizes) - in_features
     if padding:
         flat = F.pad(flat, (0, padding))
-    state = flat.reshape(flat.shape[0], *in_sizes)
-    # Letters: 'n' batch, 'r' rank, modes use distinct letters for the in and out sides.
-    in_letters = string.ascii_uppercase[:order]
-    out_letters = string.ascii_lowercase[:order]
-    current = list(in_letters)
-    has_rank = False
-    for mode in reversed(range(order)):
-        before = "n" + ("r" if has_rank else "") + "".join(current)
-        current[mode] = out_letters[mode]
-        last = mode == 0
-        after = "n" + ("" if last else "r") + "".join(current)
-        state = torch.einsum(f"{before},r{out_letters[mode]}{in_letters[mode]}->{after}", state, factors[mode])
-        has_rank = True
+    if order == 2:
+        state = _kron_matmul_order2(flat, factors[0], factors[1])
+    else:
+        state = flat.reshape(flat.shape[0], *in_sizes)
+        # Letters: 'n' batch, 'r' rank, modes use distinct letters for the in and out sides.
+        in_letters = string.ascii_uppercase[:order]
+        out_letters = string.ascii_lowercase[:order]
+        current = list(in_letters)
+        has_rank = False
+        for mode in reversed(range(order)):
+            before = "n" + ("r" if has_rank else "") + "".join(current)
+            current[mode] = out_letters[mode]
+            after = "n" + ("" if mode == 0 else "r") + "".join(current)
+            state = torch.einsum(f"{before},r{out_letters[mode]}{in_letters[mode]}->{after}", state, factors[mode])
+            has_rank = True
     return state.reshape(flat.shape[0], math.prod(out_sizes))[:, :out_features].reshape(*lead_shape, out_features)
 
 
@@ -103,7 +137,8 @@ def kron_gather_rows(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: i
     """
     radices = tuple(f.shape[1] for f in factors)
     digits = mixed_radix_digits(ids.reshape(-1), radices)
-    # (num_ids, r, b_j) per factor
-    rows = [factor[:, digit, :].transpose(0, 1) for factor, digit in zip(factors, digits)]
-    gathered = kron_vectors_tree(rows).sum(1)[:, :cols]
-    return gathered.reshape(*ids.shape, cols)
+    rows = [factor[:, digit, :].transpose(0, 1) for factor, digit in zip(factors, digits)]  # (ids, r, b_j)
+    # The last product and the sum over the rank are one batched matmul: (ids, B, r) @ (ids, r, b_n).
+    head = kron_vectors_tree(rows[:-1])
+    gathered = (head.transpose(1, 2) @ rows[-1]).reshape(len(digits[0]), head.shape[-1] * rows[-1].shape[-1])
+    return gathered[:, :cols].reshape(*ids.shape, cols)
