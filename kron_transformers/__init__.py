@@ -8,6 +8,7 @@ print(kt.report(model))
 """
 
 from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
+from .integration import KronHfQuantizer, from_pretrained
 from .modules import (
     FactorizedEmbedding,
     FactorizedLinear,
@@ -20,7 +21,7 @@ from .modules import (
     Word2KetEmbedding,
 )
 from .report import CompressionReport, report
-from .surgery import compress_model, compression_record, decompress_model
+from .surgery import applied_config, compress_model, decompress_model
 
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "KPDLinear",
     "KronConfig",
     "KronEmbedding",
+    "KronHfQuantizer",
     "KronLinear",
     "Kronecker",
     "LowRank",
@@ -46,8 +48,9 @@ __all__ = [
     "Word2KetEmbedding",
     "Word2KetXS",
     "__version__",
+    "applied_config",
     "compress_model",
-    "compression_record",
     "decompress_model",
+    "from_pretrained",
     "report",
 ]

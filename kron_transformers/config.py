@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
 from .factorizations.shapes import (
     VOCAB_PADDING_TOLERANCE,
     FactorShapes,
@@ -370,6 +372,8 @@ class LowRank(MethodSpec):
 
 
 INITS = ("svd", "random")
+QUANT_METHOD = "kron"
+CONFIG_VERSION = 1
 ROLES = ("embedding", "attention", "ffn", "lm_head")
 
 
@@ -382,7 +386,7 @@ def _spec_or_none(value: Any, name: str) -> MethodSpec | None:
 
 
 @dataclass
-class KronConfig:
+class KronConfig(QuantizationConfigMixin):
     """What to compress and how, torchao-style: a serializable config separate from the transform.
 
     Each module gets, in order: nothing if it matches ``exclude_modules``; the spec of the first
@@ -393,6 +397,10 @@ class KronConfig:
     Patterns follow PEFT: a string is a regex matched against the full module name
     (``re.fullmatch``), a list holds exact names or name suffixes, and ``"all-linear"`` means every
     linear layer except the output head.
+
+    It is also the transformers quantization config of method ``"kron"``: once a model is
+    compressed, ``model.config.quantization_config`` is a copy whose ``modules`` holds the resolved
+    structure of every replaced module, which is what ``from_pretrained`` rebuilds.
 
     ```py
     cfg = kt.KronConfig(embedding=kt.Word2KetXS(order=2, rank=8), attention=kt.Shapeshifter(rank=4),
@@ -423,8 +431,20 @@ class KronConfig:
     )
     init: str = field(default="svd", metadata={"help": "'svd': best approximation of the dense weights; 'random'."})
     version: int = field(default=1, metadata={"help": "Format version of this config."})
+    modules: dict[str, dict[str, Any]] | None = field(
+        default=None,
+        metadata={"help": "Filled by compress_model: resolved structure per replaced module (do not set by hand)."},
+    )
+    quant_method: str = field(default=QUANT_METHOD, metadata={"help": "transformers quantization method name."})
 
     def __post_init__(self) -> None:
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"KronConfig: quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"KronConfig: format version {self.version} is not supported by this kron_transformers "
+                f"(version {CONFIG_VERSION}); upgrade kron_transformers"
+            )
         for name in (*ROLES, "default"):
             setattr(self, name, _spec_or_none(getattr(self, name), name))
         if not isinstance(self.rules, dict):
@@ -455,10 +475,13 @@ class KronConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> KronConfig:
-        return cls(**data)
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build from ``to_dict()`` output; extra ``kwargs`` naming fields override them (transformers API)."""
+        config = cls(**{**config_dict, **{k: v for k, v in kwargs.items() if k in cls.__dataclass_fields__}})
+        unused = {k: v for k, v in kwargs.items() if k not in cls.__dataclass_fields__}
+        return (config, unused) if return_unused_kwargs else config
 
-    def to_json_string(self) -> str:
+    def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod

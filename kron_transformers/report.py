@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .modules import FactorizedEmbedding, FactorizedLinear
-from .surgery import KIND_TIED_HEAD, compression_record
+from .surgery import KIND_TIED_HEAD, applied_config
 
 
 @dataclass
@@ -85,14 +85,14 @@ def report(model: nn.Module) -> CompressionReport:
     For ``init="svd"`` each row also carries the relative approximation error
     ``||W - W_hat||_F / ||W||_F`` measured when the module was initialized.
     """
-    record = compression_record(model)
+    config = applied_config(model)
     result = CompressionReport()
     result.total_after = sum(p.numel() for p in model.parameters())
-    if record is None:
+    if config is None:
         result.total_before = result.total_after
         return result
     saved = 0
-    for name, entry in record["modules"].items():
+    for name, entry in config.modules.items():
         if entry["kind"] == KIND_TIED_HEAD:
             result.tied[name] = entry["tied_to"]
             continue

@@ -6,6 +6,8 @@ so a bad config raises with the model untouched.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
 import logging
 import warnings
@@ -43,8 +45,7 @@ from .roles import (
 
 logger = logging.getLogger(__name__)
 
-RECORD_ATTRIBUTE = "kron_compression"
-RECORD_VERSION = 1
+CONFIG_ATTRIBUTE = "quantization_config"
 ORIGINAL_TIES_ATTRIBUTE = "_kron_original_tied_weights_keys"
 
 KIND_LINEAR = "linear"
@@ -282,8 +283,9 @@ def _pretrained_submodels(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _refresh_tied_keys(model: nn.Module) -> None:
-    if hasattr(model, "get_expanded_tied_weights_keys"):
-        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+    """Recompute transformers' ``all_tied_weights_keys`` on every PreTrainedModel (each with its submodels)."""
+    for _, submodel in _pretrained_submodels(model):
+        submodel.all_tied_weights_keys = submodel.get_expanded_tied_weights_keys(all_submodels=True)
 
 
 def _rewrite_tied_weights_keys(model: nn.Module) -> None:
@@ -299,15 +301,13 @@ def _rewrite_tied_weights_keys(model: nn.Module) -> None:
             continue
         rewritten: dict[str, str] = {}
         for target, source in original.items():
+            if _is_parameter(submodel, target) and _is_parameter(submodel, source):
+                rewritten[target] = source  # untouched, e.g. BERT's decoder.bias -> predictions.bias
+                continue
             target_module = _module_of_parameter(submodel, target)
             source_module = _module_of_parameter(submodel, source)
-            target_compressed = isinstance(target_module, COMPRESSED_MODULES)
-            source_compressed = isinstance(source_module, COMPRESSED_MODULES)
-            if not target_compressed and not source_compressed:
-                rewritten[target] = source
-                continue
             shared = getattr(target_module, "factorization", None)
-            if target_compressed and source_compressed and shared is getattr(source_module, "factorization", None):
+            if shared is not None and shared is getattr(source_module, "factorization", None):
                 target_base, source_base = target.rpartition(".")[0], source.rpartition(".")[0]
                 for parameter_name, _ in shared.named_parameters():
                     rewritten[f"{target_base}.factorization.{parameter_name}"] = (
@@ -316,7 +316,15 @@ def _rewrite_tied_weights_keys(model: nn.Module) -> None:
         if ORIGINAL_TIES_ATTRIBUTE not in submodel.__dict__:
             setattr(submodel, ORIGINAL_TIES_ATTRIBUTE, original)
         submodel._tied_weights_keys = rewritten
-        _refresh_tied_keys(submodel)
+    _refresh_tied_keys(model)
+
+
+def _is_parameter(model: nn.Module, parameter_path: str) -> bool:
+    try:
+        model.get_parameter(parameter_path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _module_of_parameter(model: nn.Module, parameter_path: str) -> nn.Module | None:
@@ -331,22 +339,39 @@ def _restore_tied_weights_keys(model: nn.Module) -> None:
     for _, submodel in _pretrained_submodels(model):
         if ORIGINAL_TIES_ATTRIBUTE in submodel.__dict__:
             submodel._tied_weights_keys = submodel.__dict__.pop(ORIGINAL_TIES_ATTRIBUTE)
-            _refresh_tied_keys(submodel)
+    _refresh_tied_keys(model)
 
 
-def compression_record(model: nn.Module) -> dict[str, Any] | None:
-    """The resolved per-module structure recorded by ``compress_model`` (None if not compressed)."""
-    holder = getattr(model, "config", model)
-    return getattr(holder, RECORD_ATTRIBUTE, None)
+def _config_holder(model: nn.Module) -> Any:
+    """Where the applied config lives: ``model.config`` for HF models, the module itself otherwise."""
+    return getattr(model, "config", model)
 
 
-def _set_record(model: nn.Module, record: dict[str, Any] | None) -> None:
-    holder = getattr(model, "config", model)
-    if record is None:
-        if hasattr(holder, RECORD_ATTRIBUTE):
-            delattr(holder, RECORD_ATTRIBUTE)
+def applied_config(model: nn.Module) -> KronConfig | None:
+    """The ``KronConfig`` a model was compressed with, its ``modules`` holding the resolved structure.
+
+    ``None`` for a model that is not compressed.
+    """
+    config = getattr(_config_holder(model), CONFIG_ATTRIBUTE, None)
+    return config if isinstance(config, KronConfig) and config.modules is not None else None
+
+
+def _mark_compressed(model: nn.Module, config: KronConfig | None) -> None:
+    """Record (or, with None, remove) the applied config; HF models also get the quantizer attributes.
+
+    A model compressed in memory must look like one loaded from a compressed checkpoint, or
+    transformers' save and Trainer checks diverge (REFERENCES.md part 2, pitfall 8).
+    """
+    from .integration.hf_quantizer import attach_quantizer, detach_quantizer
+
+    holder = _config_holder(model)
+    if config is None:
+        if hasattr(holder, CONFIG_ATTRIBUTE):
+            delattr(holder, CONFIG_ATTRIBUTE)
+        detach_quantizer(model)
     else:
-        setattr(holder, RECORD_ATTRIBUTE, record)
+        setattr(holder, CONFIG_ATTRIBUTE, config)
+        attach_quantizer(model, config)
 
 
 def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
@@ -356,8 +381,8 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
     is resolved to exact shapes and ranks (``KronConfig`` docstring), every replacement is built
     and initialized (``init="svd"``: best Frobenius approximation of the dense weight;
     ``"random"``: de novo, scaled to the dense weight's standard deviation), then all are
-    swapped at once. A tied output head shares the embedding's factors. The resolved structure
-    is recorded on ``model.config.kron_compression``.
+    swapped at once. A tied output head shares the embedding's factors. A copy of ``config``
+    with the resolved structure in ``modules`` becomes ``model.config.quantization_config``.
 
     ```py
     model = kt.compress_model(model, kt.KronConfig(attention=kt.Shapeshifter(rank=4)))
@@ -367,7 +392,7 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
         raise TypeError(f"compress_model: config must be a kron_transformers.KronConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_model: model must be a torch.nn.Module, got {type(model).__name__}")
-    if compression_record(model) is not None or any(isinstance(m, COMPRESSED_MODULES) for m in model.modules()):
+    if applied_config(model) is not None or any(isinstance(m, COMPRESSED_MODULES) for m in model.modules()):
         raise ValueError("compress_model: the model is already compressed; call decompress_model first")
     roles = detect_roles(model)
     plans = _plan(model, config, roles)
@@ -397,11 +422,91 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
         if plan.init_error is not None:
             logger.info("%s: %s init relative error %.4f", plan.info.name, plan.spec.method, plan.init_error)
 
-    _set_record(
-        model, {"version": RECORD_VERSION, "init": config.init, "config": config.to_dict(), "modules": records}
-    )
+    _mark_compressed(model, dataclasses.replace(copy.deepcopy(config), modules=records))
     _rewrite_tied_weights_keys(model)
     return model
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def resolve_recorded_name(model: nn.Module, name: str) -> str | None:
+    """Map a recorded module name onto ``model``, across ``base_model_prefix`` (pitfall 7).
+
+    A head model's checkpoint (``bert.encoder...``) loaded into the base model drops the prefix;
+    a base model's checkpoint loaded into a head model gains it. ``None`` when the module does
+    not exist in ``model`` (e.g. the LM head when loading into the base model).
+    """
+    if _has_submodule(model, name):
+        return name
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and name.startswith(prefix + ".") and _has_submodule(model, name[len(prefix) + 1 :]):
+        return name[len(prefix) + 1 :]
+    if prefix and _has_submodule(model, f"{prefix}.{name}"):
+        return f"{prefix}.{name}"
+    return None
+
+
+def _resolved_paths(model: nn.Module, names: list[str]) -> list[str]:
+    return [path for path in (resolve_recorded_name(model, n) for n in names) if path is not None]
+
+
+@torch.no_grad()
+def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
+    """Swap in factorized modules exactly as recorded in ``config.modules``, before weights load.
+
+    The structure comes from the record, never from re-running the shape heuristics, so a
+    checkpoint always rebuilds as it was saved. New parameters are created on the device of the
+    module they replace (``meta`` inside ``from_pretrained``) in torch's current default dtype.
+    Returns ``config`` with ``modules`` renamed to this model's names (prefix changes applied).
+    """
+    kind_order = {KIND_EMBEDDING: 0, KIND_LINEAR: 1, KIND_TIED_HEAD: 2}
+    embeddings: dict[str, FactorizedEmbedding] = {}
+    resolved: dict[str, Any] = {}
+    for name, entry in sorted(config.modules.items(), key=lambda item: kind_order[item[1]["kind"]]):
+        paths = _resolved_paths(model, [name, *entry.get("aliases", [])])
+        if not paths:
+            continue
+        current = model.get_submodule(paths[0])
+        device = next(current.parameters(), torch.empty(0)).device
+        rows, cols = entry["shape"]
+        entry = copy.deepcopy(entry)
+        with torch.device(device):
+            if entry["kind"] == KIND_TIED_HEAD:
+                tied_to = resolve_recorded_name(model, entry["tied_to"])
+                if tied_to not in embeddings:
+                    raise ValueError(f"{name}: recorded as tied to {entry['tied_to']!r}, which is not compressed")
+                replacement = TiedFactorizedHead(embeddings[tied_to], getattr(current, "bias", None))
+                entry["tied_to"] = tied_to
+            elif entry["kind"] == KIND_EMBEDDING:
+                factorization = build_factorization(entry["structure"], rows, cols)
+                replacement = FactorizedEmbedding.wrap(factorization, entry["padding_idx"], entry["embed_scale"])
+                embeddings[paths[0]] = replacement
+                shared_members = []
+                for member in entry.get("shared_with", []):
+                    member_paths = _resolved_paths(model, [member["name"], *member["aliases"]])
+                    if not member_paths:
+                        continue
+                    shared = FactorizedEmbedding.wrap(factorization, member["padding_idx"], member["embed_scale"])
+                    for path in member_paths:
+                        _set_module(model, path, shared)
+                    shared_members.append({**member, "name": member_paths[0], "aliases": member_paths[1:]})
+                entry["shared_with"] = shared_members
+            else:
+                replacement = FactorizedLinear.from_structure(
+                    entry["structure"], cols, rows, entry["bias"], entry["layout"]
+                )
+        for path in paths:
+            _set_module(model, path, replacement)
+        entry["aliases"] = paths[1:]
+        resolved[paths[0]] = entry
+    _rewrite_tied_weights_keys(model)
+    return dataclasses.replace(config, modules=resolved)
 
 
 def _dense_class(path: str | None, default: type[nn.Module]) -> type[nn.Module]:
@@ -453,9 +558,9 @@ def decompress_model(model: nn.Module) -> nn.Module:
     Outputs are identical up to floating-point rounding; a tied head becomes an ``nn.Linear``
     sharing the embedding's new weight Parameter, so the model stays tied. In place; returns the model.
     """
-    record = compression_record(model) or {"modules": {}}
+    config = applied_config(model)
     class_paths: dict[str, str] = {}
-    for name, entry in record["modules"].items():
+    for name, entry in (config.modules if config is not None else {}).items():
         for alias in [name, *entry.get("aliases", [])]:
             class_paths[alias] = entry.get("dense_class")
         for member in entry.get("shared_with", []):
@@ -504,5 +609,5 @@ def decompress_model(model: nn.Module) -> nn.Module:
         for path in paths[key]:
             _set_module(model, path, replacement)
     _restore_tied_weights_keys(model)
-    _set_record(model, None)
+    _mark_compressed(model, None)
     return model

@@ -55,7 +55,7 @@ def assert_unchanged(model: nn.Module, before: tuple[dict, list]) -> None:
     after = model.state_dict()
     assert after.keys() == state.keys()
     assert all(torch.equal(after[k], v) for k, v in state.items())
-    assert kt.compression_record(model) is None
+    assert kt.applied_config(model) is None
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -81,7 +81,7 @@ def test_compress_runs_and_decompress_is_exact(architecture, method):
     kt.decompress_model(model)
     assert not any(isinstance(m, (FactorizedLinear, FactorizedEmbedding, TiedFactorizedHead)) for m in model.modules())
     torch.testing.assert_close(logits(model, inputs), compressed, rtol=1e-5, atol=1e-5)
-    assert kt.compression_record(model) is None
+    assert kt.applied_config(model) is None
 
 
 def test_training_steps_lower_the_loss(architecture):
@@ -159,7 +159,7 @@ def test_untied_head_follows_the_lm_head_spec():
     head = model.get_output_embeddings()
     assert isinstance(head, kt.KronLinear) and head.factorization.rank == 3
     assert head.factorization is not model.get_input_embeddings().factorization
-    assert kt.compression_record(model)["modules"]["lm_head"]["role"] == "lm_head"
+    assert kt.applied_config(model).modules["lm_head"]["role"] == "lm_head"
 
 
 BAD_CONFIGS = {
@@ -220,7 +220,7 @@ def test_targeting_rules_exclusions_and_all_linear():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kt.compress_model(model, config)
-    modules = kt.compression_record(model)["modules"]
+    modules = kt.applied_config(model).modules
     assert modules["bert.encoder.layer.0.attention.self.query"]["method"] == "Shapeshifter"
     assert modules["bert.encoder.layer.0.attention.self.key"]["method"] == "LowRank"
     assert modules["cls.predictions.transform.dense"]["role"] == "other"  # reached only through all-linear
@@ -237,7 +237,7 @@ def test_target_modules_list_matches_suffixes():
             attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=2), target_modules=["q_proj", "down_proj"]
         ),
     )
-    names = set(kt.compression_record(model)["modules"])
+    names = set(kt.applied_config(model).modules)
     assert names == {f"model.layers.{i}.{leaf}" for i in range(2) for leaf in ("self_attn.q_proj", "mlp.down_proj")}
 
 
@@ -273,8 +273,9 @@ def test_bart_scaled_embeddings_keep_their_scale():
 def test_record_on_config_is_json_and_complete():
     model = build_model("t5")
     kt.compress_model(model, METHODS["word2ketxs_kpd"]())
-    record = model.config.kron_compression
-    json.dumps(model.config.to_dict())  # serializable with the config
+    record = model.config.quantization_config.to_dict()
+    assert json.loads(model.config.to_json_string())["quantization_config"] == record
+    assert record["quant_method"] == "kron" and record["ffn"]["method"] == "KPD"
     shared = record["modules"]["shared"]
     assert shared["method"] == "Word2KetXS" and shared["structure"]["factorization"] == "kronecker_sum"
     assert record["modules"]["lm_head"] == {**record["modules"]["lm_head"], "kind": "tied_head", "tied_to": "shared"}
@@ -315,7 +316,7 @@ def test_plain_torch_module_with_default_spec():
     reference = copy.deepcopy(model)
     kt.compress_model(model, kt.KronConfig(default=kt.Shapeshifter(rank=2), target_modules=["0"]))
     assert isinstance(model[0], kt.KronLinear) and isinstance(model[2], nn.Linear)
-    assert kt.compression_record(model)["modules"]["0"]["role"] == "other"
+    assert kt.applied_config(model).modules["0"]["role"] == "other"
     kt.decompress_model(model)
     x = torch.randn(3, 12)
     assert isinstance(model[0], nn.Linear)

@@ -1,0 +1,88 @@
+"""The transformers quantizer plugin, method ``"kron"`` (REFERENCES.md part 2).
+
+Registering ``KronConfig`` and ``KronHfQuantizer`` lets plain ``from_pretrained`` either rebuild
+a compressed checkpoint's exact structure before its weights load (``pre_quantized``: the
+config carries resolved ``modules``), or compress a dense checkpoint after it loads
+(``from_pretrained(dense, quantization_config=kt.KronConfig(...))``, equal to ``compress_model``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+
+from ..config import QUANT_METHOD, KronConfig
+from ..surgery import applied_config, compress_model, decompress_model, rebuild_structure
+from .safetensors_check import validate_checkpoint_files
+
+
+register_quantization_config(QUANT_METHOD)(KronConfig)
+
+
+@register_quantizer(QUANT_METHOD)
+class KronHfQuantizer(HfQuantizer):
+    """Rebuilds factorized modules at load time; compresses dense checkpoints on the fly."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: KronConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        if self.pre_quantized and quantization_config.modules is None:
+            raise ValueError(
+                "this checkpoint's quantization_config has quant_method 'kron' but no resolved 'modules'; "
+                "it was not written by kron_transformers.compress_model + save_pretrained"
+            )
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        if self.pre_quantized:
+            self.quantization_config = rebuild_structure(model, self.quantization_config)
+            validate_checkpoint_files(model, kwargs.get("checkpoint_files") or [])
+        return model
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        if not self.pre_quantized:
+            compress_model(model, self.quantization_config)
+            self.quantization_config = applied_config(model)
+        return model
+
+    def _dequantize(self, model: PreTrainedModel, dtype: Any = None) -> PreTrainedModel:
+        return decompress_model(model)
+
+    def is_serializable(self, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Factors are ordinary trainable Parameters: full fine-tuning is the intended use."""
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def attach_quantizer(model: nn.Module, config: KronConfig) -> None:
+    """Make an in-memory compressed model look like a reloaded one (pitfall 8)."""
+    if isinstance(model, PreTrainedModel):
+        model.hf_quantizer = KronHfQuantizer(config, pre_quantized=True)
+        model.is_quantized = True
+        model.quantization_method = QUANT_METHOD
+
+
+def detach_quantizer(model: nn.Module) -> None:
+    """Undo ``attach_quantizer`` after ``decompress_model``: a plain dense model again."""
+    if isinstance(model, PreTrainedModel):
+        for attribute in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attribute):
+                delattr(model, attribute)
+        model.is_quantized = False
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
+                module.config._is_quantized = False
