@@ -20,7 +20,13 @@ from kron_transformers.factorizations.shapes import validate_factor_shapes
 from kron_transformers.kernels import kron_gather_rows, kron_materialize, kron_matmul, mixed_radix_digits
 
 
-torch.set_default_dtype(torch.float64)
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """References are built in float64; restore the default dtype so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def kron_chain(matrices: list[torch.Tensor]) -> torch.Tensor:
