@@ -8,7 +8,7 @@ print(kt.report(model))
 """
 
 from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
-from .integration import KronHfQuantizer, from_pretrained
+from .integration import KronHfQuantizer, from_pretrained, push_to_hub, render_model_card, write_model_card
 from .modules import (
     FactorizedEmbedding,
     FactorizedLinear,
@@ -52,5 +52,8 @@ __all__ = [
     "compress_model",
     "decompress_model",
     "from_pretrained",
+    "push_to_hub",
+    "render_model_card",
     "report",
+    "write_model_card",
 ]

@@ -356,7 +356,7 @@ def applied_config(model: nn.Module) -> KronConfig | None:
     return config if isinstance(config, KronConfig) and config.modules is not None else None
 
 
-def _mark_compressed(model: nn.Module, config: KronConfig | None) -> None:
+def mark_compressed(model: nn.Module, config: KronConfig | None) -> None:
     """Record (or, with None, remove) the applied config; HF models also get the quantizer attributes.
 
     A model compressed in memory must look like one loaded from a compressed checkpoint, or
@@ -422,7 +422,7 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
         if plan.init_error is not None:
             logger.info("%s: %s init relative error %.4f", plan.info.name, plan.spec.method, plan.init_error)
 
-    _mark_compressed(model, dataclasses.replace(copy.deepcopy(config), modules=records))
+    mark_compressed(model, dataclasses.replace(copy.deepcopy(config), modules=records))
     _rewrite_tied_weights_keys(model)
     return model
 
@@ -609,5 +609,5 @@ def decompress_model(model: nn.Module) -> nn.Module:
         for path in paths[key]:
             _set_module(model, path, replacement)
     _restore_tied_weights_keys(model)
-    _mark_compressed(model, None)
+    mark_compressed(model, None)
     return model

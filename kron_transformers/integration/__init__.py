@@ -2,6 +2,8 @@
 
 from .checkpoint import from_pretrained
 from .hf_quantizer import KronHfQuantizer
+from .hub import push_to_hub
+from .model_card import render_model_card, write_model_card
 
 
-__all__ = ["KronHfQuantizer", "from_pretrained"]
+__all__ = ["KronHfQuantizer", "from_pretrained", "push_to_hub", "render_model_card", "write_model_card"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import transformers
 from transformers import AutoConfig
 
@@ -43,11 +44,38 @@ def from_pretrained(
             f"quantization_config=kt.KronConfig(...) to compress it while loading"
         )
     if model_class is None:
-        architectures = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        if model_class is None:
-            raise ValueError(
-                f"{pretrained_model_name_or_path}: config.json names no transformers architecture "
-                f"({architectures}); pass model_class=, e.g. transformers.AutoModelForSeq2SeqLM"
-            )
+        model_class = model_class_for(config)
     return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def model_class_for(config: Any, override: str | None = None) -> type:
+    """The transformers class to load a checkpoint as: ``override`` or ``config.architectures[0]``."""
+    name = override or next(iter(getattr(config, "architectures", None) or []), None)
+    model_class = getattr(transformers, name, None) if name else None
+    if model_class is None:
+        raise ValueError(
+            f"cannot tell which transformers class to load (config.architectures = "
+            f"{getattr(config, 'architectures', None)}); pass the class name, e.g. AutoModelForSeq2SeqLM"
+        )
+    return model_class
+
+
+def load_structure(pretrained_model_name_or_path: str | os.PathLike, model_class: str | None = None):
+    """The compressed model of a checkpoint on the ``meta`` device: structure and counts, no weights read."""
+    from ..config import KronConfig
+    from ..surgery import mark_compressed, rebuild_structure
+
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        quantization = KronConfig.from_dict(quantization) if quantization.get("quant_method") == QUANT_METHOD else None
+    if not isinstance(quantization, KronConfig) or quantization.modules is None:
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is not a kron_transformers checkpoint (no 'kron' "
+            f"quantization_config with resolved modules in its config.json)"
+        )
+    del config.quantization_config
+    with torch.device("meta"):
+        model = model_class_for(config, model_class)(config)
+    mark_compressed(model, rebuild_structure(model, quantization))
+    return model

@@ -16,6 +16,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 
 from ..config import QUANT_METHOD, KronConfig
 from ..surgery import applied_config, compress_model, decompress_model, rebuild_structure
+from .hub import bind_push_to_hub, unbind_push_to_hub
 from .safetensors_check import validate_checkpoint_files
 
 
@@ -46,6 +47,7 @@ class KronHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             compress_model(model, self.quantization_config)
             self.quantization_config = applied_config(model)
+        bind_push_to_hub(model)
         return model
 
     def _dequantize(self, model: PreTrainedModel, dtype: Any = None) -> PreTrainedModel:
@@ -74,6 +76,7 @@ def attach_quantizer(model: nn.Module, config: KronConfig) -> None:
         model.hf_quantizer = KronHfQuantizer(config, pre_quantized=True)
         model.is_quantized = True
         model.quantization_method = QUANT_METHOD
+        bind_push_to_hub(model)
 
 
 def detach_quantizer(model: nn.Module) -> None:
@@ -83,6 +86,7 @@ def detach_quantizer(model: nn.Module) -> None:
             if hasattr(model, attribute):
                 delattr(model, attribute)
         model.is_quantized = False
+        unbind_push_to_hub(model)
         for module in model.modules():
             if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
                 module.config._is_quantized = False

@@ -1,0 +1,156 @@
+"""``kron-transformers``: compress, inspect, decompress and document checkpoints from the shell.
+
+```
+kron-transformers compress t5-small --config cfg.yaml --output t5-small-kron [--push-to-hub me/t5-small-kron]
+kron-transformers report t5-small-kron
+kron-transformers decompress t5-small-kron --output t5-small-dense
+kron-transformers card t5-small-kron --metrics results.json
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from .config import KronConfig
+
+
+def _progress(message: str) -> None:
+    print(f"[kron-transformers] {message}", file=sys.stderr, flush=True)
+
+
+def _read_config(path: str) -> KronConfig:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = file.read_text("utf-8")
+    try:
+        data = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ValueError(f"config file {path} is not valid {file.suffix.lstrip('.') or 'JSON'}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of KronConfig fields, got {type(data).__name__}")
+    return KronConfig.from_dict(data)
+
+
+def _read_metrics(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read metrics from {path}: {error}") from None
+
+
+def _hub_id(source: str) -> str | None:
+    return source if not Path(source).exists() and source.count("/") == 1 else None
+
+
+def compress(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from . import compress_model, push_to_hub, report, write_model_card
+    from .integration.checkpoint import model_class_for
+
+    config = _read_config(args.config)
+    model_class = model_class_for(AutoConfig.from_pretrained(args.model), args.model_class)
+    _progress(f"loading {args.model} as {model_class.__name__}")
+    model = model_class.from_pretrained(args.model)
+    start = time.perf_counter()
+    _progress(f"compressing (init={config.init})")
+    compress_model(model, config)
+    _progress(f"compressed in {time.perf_counter() - start:.1f} s")
+    print(report(model))
+    base_model = args.base_model or _hub_id(args.model)
+    _progress(f"saving to {args.output}")
+    model.save_pretrained(args.output)
+    write_model_card(model, args.output, repo_id=args.push_to_hub, base_model=base_model)
+    if args.push_to_hub:
+        _progress(f"pushing to {args.push_to_hub}")
+        push_to_hub(model, args.push_to_hub, base_model=base_model)
+
+
+def show_report(args: argparse.Namespace) -> None:
+    from . import report
+    from .integration.checkpoint import load_structure
+
+    print(report(load_structure(args.checkpoint, args.model_class)))
+
+
+def decompress(args: argparse.Namespace) -> None:
+    from . import decompress_model, from_pretrained
+
+    _progress(f"loading {args.checkpoint}")
+    model = from_pretrained(args.checkpoint)
+    _progress("materializing dense weights")
+    decompress_model(model)
+    _progress(f"saving the dense model to {args.output}")
+    model.save_pretrained(args.output)
+
+
+def card(args: argparse.Namespace) -> None:
+    from . import write_model_card
+    from .integration.checkpoint import load_structure
+
+    model = load_structure(args.checkpoint, args.model_class)
+    path = write_model_card(model, args.checkpoint, args.repo_id, args.base_model, _read_metrics(args.metrics))
+    _progress(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kron-transformers", description="Compress Hugging Face models with Kronecker-factorized layers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    command = commands.add_parser("compress", help="compress a model and save it (optionally push it)")
+    command.add_argument("model", help="Hub id or local folder of the dense (or any) transformers checkpoint")
+    command.add_argument("--config", required=True, help="KronConfig as a .json or .yaml file (KronConfig.to_dict())")
+    command.add_argument("--output", required=True, help="folder to write the compressed checkpoint and card to")
+    command.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo, e.g. me/t5-small-kron")
+    command.add_argument(
+        "--model-class", help="transformers class, e.g. AutoModelForSeq2SeqLM (default: config.architectures[0])"
+    )
+    command.add_argument("--base-model", help="base_model for the card (default: MODEL when it is a Hub id)")
+    command.set_defaults(run=compress)
+
+    command = commands.add_parser("report", help="print the parameter table of a compressed checkpoint")
+    command.add_argument("checkpoint", help="local folder or Hub id of a compressed checkpoint")
+    command.add_argument("--model-class", help="transformers class (default: config.architectures[0])")
+    command.set_defaults(run=show_report)
+
+    command = commands.add_parser("decompress", help="write a plain dense checkpoint (loads without the plugin)")
+    command.add_argument("checkpoint", help="local folder or Hub id of a compressed checkpoint")
+    command.add_argument("--output", required=True, help="folder for the dense checkpoint")
+    command.set_defaults(run=decompress)
+
+    command = commands.add_parser("card", help="write or refresh README.md (the model card) of a checkpoint folder")
+    command.add_argument("checkpoint", help="local folder of a compressed checkpoint")
+    command.add_argument("--repo-id", help="Hub repo id shown in the card's loading example")
+    command.add_argument("--base-model", help="base_model in the card's metadata")
+    command.add_argument("--metrics", help="JSON file of evaluation results to list in the card")
+    command.add_argument("--model-class", help="transformers class (default: config.architectures[0])")
+    command.set_defaults(run=card)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"kron-transformers {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
