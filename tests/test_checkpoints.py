@@ -119,12 +119,14 @@ def test_compress_while_loading_equals_compress_model(tmp_path, architecture):
         torch.testing.assert_close(again(**inputs).logits, expected(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_reload(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_reload(tmp_path, dtype):
     model = kt.compress_model(build_model("llama"), METHODS["word2ketxs_kpd"]())
     model.save_pretrained(tmp_path)
-    loaded = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    factors = list(loaded.get_input_embeddings().factorization.parameters())
-    assert factors and all(p.dtype == torch.bfloat16 for p in factors)
+    loaded = AutoModel.from_pretrained(tmp_path, dtype=dtype)
+    factors = [p for m in loaded.modules() if isinstance(m, kt.FactorizedLinear) for p in m.parameters()]
+    factors += list(loaded.get_input_embeddings().factorization.parameters())
+    assert factors and all(p.dtype == dtype for p in factors)
     inputs = {"input_ids": make_inputs("llama")["input_ids"]}
     with torch.no_grad():
         reference = model.model(**inputs).last_hidden_state
