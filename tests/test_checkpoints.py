@@ -229,3 +229,14 @@ def test_saved_config_records_the_resolved_structure(tmp_path):
         else (config.quantization_config.modules)
     )
     assert modules["bert.encoder.layer.0.attention.self.query"]["structure"]["factor_shapes"] == [[4, 8], [8, 4]]
+
+
+def test_transformers_dequantize_is_decompress():
+    model = kt.compress_model(build_model("bert"), METHODS["shapeshifter"]())
+    inputs = make_inputs("bert")
+    with torch.no_grad():
+        compressed = model(**inputs).logits
+        dense = model.dequantize()
+        torch.testing.assert_close(dense(**inputs).logits, compressed, rtol=1e-5, atol=1e-5)
+    assert isinstance(dense.bert.encoder.layer[0].attention.self.query, torch.nn.Linear)
+    assert not dense.is_quantized and not hasattr(dense.config, "quantization_config")
