@@ -7,12 +7,15 @@ print(kt.report(model))
 ```
 """
 
+from . import kpd
 from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
 from .integration import KronHfQuantizer, from_pretrained, push_to_hub, render_model_card, write_model_card
 from .modules import (
+    BlockSparseLinear,
     FactorizedEmbedding,
     FactorizedLinear,
     KPDLinear,
+    KPDPatternLinear,
     KronEmbedding,
     KronLinear,
     LowRankEmbedding,
@@ -32,7 +35,9 @@ __all__ = [
     "CompressionReport",
     "FactorizedEmbedding",
     "FactorizedLinear",
+    "BlockSparseLinear",
     "KPDLinear",
+    "KPDPatternLinear",
     "KronConfig",
     "KronEmbedding",
     "KronHfQuantizer",
@@ -51,6 +56,7 @@ __all__ = [
     "applied_config",
     "compress_model",
     "decompress_model",
+    "kpd",
     "from_pretrained",
     "push_to_hub",
     "render_model_card",

@@ -290,6 +290,10 @@ class PHM(MethodSpec):
         return {"factorization": "kronecker_sum", "factor_shapes": shapes, "rank": self.n}
 
 
+def _tiles(size, rows: int, cols: int) -> bool:
+    return rows % size[0] == 0 and cols % size[1] == 0
+
+
 def optimal_kpd_block(rows: int, cols: int, rank: int) -> tuple[int, int]:
     """Block size minimizing KPD's parameters (seed 001, eq. 5, generalized to rank r).
 
@@ -322,16 +326,31 @@ class KPD(MethodSpec):
     block_size: list[int] | None = field(
         default=None, metadata={"help": "(rows, cols) of each block B_i; eq. 5 optimum when None."}
     )
+    block_sizes: list[list[int]] | None = field(
+        default=None,
+        metadata={"help": "Candidate block sizes for pattern selection (seed 001, section 5, eq. 7)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for size in ([self.block_size] if self.block_size is not None else []) + list(self.block_sizes or []):
+            if len(size) != 2 or any(not isinstance(v, int) or v < 1 for v in size):
+                raise ValueError(f"KPD: a block size must be two positive ints, got {size!r}")
         if self.block_size is not None:
-            if len(self.block_size) != 2 or any(not isinstance(v, int) or v < 1 for v in self.block_size):
-                raise ValueError(f"KPD: block_size must be two positive ints, got {self.block_size!r}")
             self.block_size = list(self.block_size)
+        if self.block_sizes is not None:
+            self.block_sizes = [list(size) for size in self.block_sizes]
+            if self.block_size is not None or self.rank is None or len(self.block_sizes) < 2:
+                raise ValueError(
+                    "KPD pattern selection: give block_sizes= (at least two) with rank=, and no block_size="
+                )
 
     def resolve(self, rows: int, cols: int, target: str, module_name: str) -> dict[str, Any]:
         self.check_target(target, module_name, rows, cols)
+        if self.block_sizes is not None:
+            for size in self.block_sizes:
+                self._check_tiles(size, rows, cols, module_name)
+            return {"factorization": "kpd_patterns", "block_sizes": self.block_sizes, "rank": self.rank}
 
         def block_for(rank: int) -> tuple[int, int]:
             return tuple(self.block_size) if self.block_size is not None else optimal_kpd_block(rows, cols, rank)
@@ -342,11 +361,7 @@ class KPD(MethodSpec):
             return grid + rank * (grid + m2 * n2)
 
         m2, n2 = block_for(self.rank or 1)
-        if rows % m2 or cols % n2:
-            raise ValueError(
-                f"{module_name}: KPD block size {(m2, n2)} does not tile the {_describe(rows, cols)} weight "
-                f"(out x in); use a block whose rows divide {rows} and whose columns divide {cols}"
-            )
+        self._check_tiles((m2, n2), rows, cols, module_name)
         max_rank = min((rows // m2) * (cols // n2), m2 * n2)
         rank = self._rank_for_budget(parameters, max_rank, rows, cols, module_name)
         m2, n2 = block_for(rank)
@@ -354,6 +369,14 @@ class KPD(MethodSpec):
             rank, min((rows // m2) * (cols // n2), m2 * n2), rows, cols, f"block size {(m2, n2)}", module_name
         )
         return {"factorization": "kpd", "block_size": [m2, n2], "rank": rank}
+
+    @staticmethod
+    def _check_tiles(size, rows: int, cols: int, module_name: str) -> None:
+        if not _tiles(size, rows, cols):
+            raise ValueError(
+                f"{module_name}: KPD block size {tuple(size)} does not tile the {_describe(rows, cols)} weight "
+                f"(out x in); use a block whose rows divide {rows} and whose columns divide {cols}"
+            )
 
 
 @register_spec

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import FactorizedEmbedding, FactorizedLinear
+from .modules import BlockSparseLinear, FactorizedEmbedding, FactorizedLinear
 from .surgery import KIND_TIED_HEAD, applied_config
 
 
@@ -69,9 +69,14 @@ class CompressionReport:
 
 
 def _describe_structure(structure: dict) -> str:
+    if "nonzero_blocks" in structure:
+        rows, cols = structure["block_size"]
+        return f"block-sparse {rows}x{cols}, {structure['nonzero_blocks']} blocks"
     parts = [f"rank {structure['rank']}"]
     if "factor_shapes" in structure:
         parts.append(" ⊗ ".join(f"{a}x{b}" for a, b in structure["factor_shapes"]))
+    if "block_sizes" in structure:
+        parts.append("patterns " + ", ".join(f"{a}x{b}" for a, b in structure["block_sizes"]))
     if "block_size" in structure:
         parts.append(f"block {structure['block_size'][0]}x{structure['block_size'][1]}")
     if "leaf_dims" in structure:
@@ -97,9 +102,12 @@ def report(model: nn.Module) -> CompressionReport:
             result.tied[name] = entry["tied_to"]
             continue
         module = model.get_submodule(name)
-        if not isinstance(module, (FactorizedLinear, FactorizedEmbedding)):
+        if isinstance(module, BlockSparseLinear):
+            compressed = module.num_nonzeros()
+        elif isinstance(module, (FactorizedLinear, FactorizedEmbedding)):
+            compressed = module.factorization.num_parameters()
+        else:
             raise ValueError(f"report: {name} is recorded as compressed but is a {type(module).__name__}")
-        compressed = module.factorization.num_parameters()
         saved += entry["dense_parameters"] - compressed
         result.modules.append(
             ModuleReport(

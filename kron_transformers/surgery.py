@@ -24,6 +24,7 @@ from .modules import (
     COMPRESSED_MODULES,
     CONV1D_LAYOUT,
     LINEAR_LAYOUT,
+    BlockSparseLinear,
     FactorizedEmbedding,
     FactorizedLinear,
     TiedFactorizedHead,
@@ -51,6 +52,7 @@ ORIGINAL_TIES_ATTRIBUTE = "_kron_original_tied_weights_keys"
 KIND_LINEAR = "linear"
 KIND_EMBEDDING = "embedding"
 KIND_TIED_HEAD = "tied_head"
+KIND_BLOCK_SPARSE = "block_sparse"  # a KPD layer exported by kron_transformers.kpd.to_block_sparse
 
 ROLE_FIELDS = {EMBEDDING_ROLE: "embedding", ATTENTION_ROLE: "attention", FFN_ROLE: "ffn", LM_HEAD_ROLE: "lm_head"}
 
@@ -230,7 +232,7 @@ def _build(plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbeddi
     plan.replacements = [replacement]
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_name, _, child_name = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, module)
@@ -412,7 +414,7 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
         for info, replacement in zip(infos, plan.replacements):
             replacement.train(info.module.training)
             for path in info.names:
-                _set_module(model, path, replacement)
+                set_module(model, path, replacement)
         record = _record(plan)
         if plan.kind == KIND_EMBEDDING:
             embedding_names[id(plan.info.module.weight)] = plan.info.name
@@ -465,7 +467,7 @@ def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
     module they replace (``meta`` inside ``from_pretrained``) in torch's current default dtype.
     Returns ``config`` with ``modules`` renamed to this model's names (prefix changes applied).
     """
-    kind_order = {KIND_EMBEDDING: 0, KIND_LINEAR: 1, KIND_TIED_HEAD: 2}
+    kind_order = {KIND_EMBEDDING: 0, KIND_LINEAR: 1, KIND_BLOCK_SPARSE: 1, KIND_TIED_HEAD: 2}
     embeddings: dict[str, FactorizedEmbedding] = {}
     resolved: dict[str, Any] = {}
     for name, entry in sorted(config.modules.items(), key=lambda item: kind_order[item[1]["kind"]]):
@@ -494,15 +496,20 @@ def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
                         continue
                     shared = FactorizedEmbedding.wrap(factorization, member["padding_idx"], member["embed_scale"])
                     for path in member_paths:
-                        _set_module(model, path, shared)
+                        set_module(model, path, shared)
                     shared_members.append({**member, "name": member_paths[0], "aliases": member_paths[1:]})
                 entry["shared_with"] = shared_members
+            elif entry["kind"] == KIND_BLOCK_SPARSE:
+                block_size, nonzero_blocks = entry["structure"]["block_size"], entry["structure"]["nonzero_blocks"]
+                replacement = BlockSparseLinear(
+                    cols, rows, tuple(block_size), nonzero_blocks, entry["bias"], entry["layout"]
+                )
             else:
                 replacement = FactorizedLinear.from_structure(
                     entry["structure"], cols, rows, entry["bias"], entry["layout"]
                 )
         for path in paths:
-            _set_module(model, path, replacement)
+            set_module(model, path, replacement)
         entry["aliases"] = paths[1:]
         resolved[paths[0]] = entry
     _rewrite_tied_weights_keys(model)
@@ -534,7 +541,7 @@ def _dense_embedding(
     return embedding
 
 
-def _dense_linear(module: FactorizedLinear) -> nn.Module:
+def _dense_linear(module: FactorizedLinear | BlockSparseLinear) -> nn.Module:
     weight = nn.Parameter(module.materialize().detach().clone())
     if module.weight_layout == CONV1D_LAYOUT:
         dense = conv1d_class()(module.out_features, module.in_features)
@@ -588,7 +595,7 @@ def decompress_model(model: nn.Module) -> nn.Module:
             replacements[key] = _dense_embedding(
                 table_for(module), module.padding_idx, module.embed_scale, class_paths.get(paths[key][0])
             )
-        elif isinstance(module, FactorizedLinear):
+        elif isinstance(module, (FactorizedLinear, BlockSparseLinear)):
             replacements[key] = _dense_linear(module)
     for key, module in modules.items():
         if isinstance(module, TiedFactorizedHead):
@@ -607,7 +614,7 @@ def decompress_model(model: nn.Module) -> nn.Module:
     for key, replacement in replacements.items():
         replacement.train(modules[key].training)
         for path in paths[key]:
-            _set_module(model, path, replacement)
+            set_module(model, path, replacement)
     _restore_tied_weights_keys(model)
     mark_compressed(model, None)
     return model

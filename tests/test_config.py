@@ -21,7 +21,7 @@ from kron_transformers.config import EMBEDDING, LINEAR, optimal_kpd_block
         (lambda: kt.Kronecker(rank=2, order=1), "order must be an int >= 2"),
         (lambda: kt.Kronecker(rank=2, order=3, factor_shapes=[(2, 2), (2, 2)]), "2 factor shapes given for order 3"),
         (lambda: kt.PHM(n=4, rank=2), "the rank is n"),
-        (lambda: kt.KPD(rank=2, block_size=(4,)), "block_size must be two positive ints"),
+        (lambda: kt.KPD(rank=2, block_size=(4,)), "a block size must be two positive ints"),
         (lambda: kt.Word2Ket(rank=1, order=2, leaf_dims=[4]), "1 leaf dims given for order 2"),
         (lambda: kt.KronConfig(), "no method given"),
         (lambda: kt.KronConfig(attention=kt.Shapeshifter(rank=2), init="kaiming"), "expected one of"),

@@ -2,6 +2,7 @@
 
 from ..kernels import mixed_radix_digits
 from .base import FACTORIZATIONS, Factorization, build_factorization, register_factorization
+from .kpd_patterns import KPDPatternFactorization
 from .kronecker import KPDFactorization, KroneckerSum
 from .low_rank import LowRankFactorization
 from .shapes import balanced_factor_shapes, max_kronecker_rank
@@ -12,6 +13,7 @@ __all__ = [
     "FACTORIZATIONS",
     "Factorization",
     "KPDFactorization",
+    "KPDPatternFactorization",
     "KroneckerSum",
     "LowRankFactorization",
     "Word2KetFactorization",

@@ -1,5 +1,6 @@
 """The ``nn.Module``s users see (DESIGN.md layer 3)."""
 
+from .block_sparse import BlockSparseLinear
 from .embedding import (
     FactorizedEmbedding,
     KronEmbedding,
@@ -7,18 +8,28 @@ from .embedding import (
     TiedFactorizedHead,
     Word2KetEmbedding,
 )
-from .linear import CONV1D_LAYOUT, LINEAR_LAYOUT, FactorizedLinear, KPDLinear, KronLinear, LowRankLinear
+from .linear import (
+    CONV1D_LAYOUT,
+    LINEAR_LAYOUT,
+    FactorizedLinear,
+    KPDLinear,
+    KPDPatternLinear,
+    KronLinear,
+    LowRankLinear,
+)
 
 
-COMPRESSED_MODULES = (FactorizedLinear, FactorizedEmbedding, TiedFactorizedHead)
+COMPRESSED_MODULES = (FactorizedLinear, FactorizedEmbedding, TiedFactorizedHead, BlockSparseLinear)
 
 __all__ = [
     "COMPRESSED_MODULES",
+    "BlockSparseLinear",
     "CONV1D_LAYOUT",
     "LINEAR_LAYOUT",
     "FactorizedEmbedding",
     "FactorizedLinear",
     "KPDLinear",
+    "KPDPatternLinear",
     "KronEmbedding",
     "KronLinear",
     "LowRankEmbedding",

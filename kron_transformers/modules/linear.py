@@ -11,6 +11,7 @@ from torch import nn
 from ..factorizations import (
     Factorization,
     KPDFactorization,
+    KPDPatternFactorization,
     KroneckerSum,
     LowRankFactorization,
     balanced_factor_shapes,
@@ -129,6 +130,21 @@ class KPDLinear(FactorizedLinear):
         super().__init__(KPDFactorization(out_features, in_features, block_size, rank), bias, weight_layout)
 
 
+class KPDPatternLinear(FactorizedLinear):
+    """Pattern selection (seed 001, section 5): one KPD term per candidate ``block_sizes`` entry, summed."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        block_sizes: Sequence[Sequence[int]],
+        bias: bool = True,
+        weight_layout: str = LINEAR_LAYOUT,
+    ) -> None:
+        super().__init__(KPDPatternFactorization(out_features, in_features, block_sizes, rank), bias, weight_layout)
+
+
 class LowRankLinear(FactorizedLinear):
     """``y = x (U V)^T + b`` with ``U: (out, r)``, ``V: (r, in)``: the low-rank baseline."""
 
@@ -141,5 +157,6 @@ class LowRankLinear(FactorizedLinear):
 LINEAR_CLASSES: dict[type[Factorization], type[FactorizedLinear]] = {
     KroneckerSum: KronLinear,
     KPDFactorization: KPDLinear,
+    KPDPatternFactorization: KPDPatternLinear,
     LowRankFactorization: LowRankLinear,
 }
