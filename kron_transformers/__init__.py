@@ -8,7 +8,9 @@ print(kt.report(model))
 """
 
 from . import kpd
+from .calibration import CalibrationStats, calibrate
 from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
+from .distill import distill
 from .integration import KronHfQuantizer, from_pretrained, push_to_hub, render_model_card, write_model_card
 from .modules import (
     BlockSparseLinear,
@@ -36,6 +38,7 @@ __all__ = [
     "FactorizedEmbedding",
     "FactorizedLinear",
     "BlockSparseLinear",
+    "CalibrationStats",
     "KPDLinear",
     "KPDPatternLinear",
     "KronConfig",
@@ -54,8 +57,10 @@ __all__ = [
     "Word2KetXS",
     "__version__",
     "applied_config",
+    "calibrate",
     "compress_model",
     "decompress_model",
+    "distill",
     "kpd",
     "from_pretrained",
     "push_to_hub",

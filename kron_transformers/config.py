@@ -394,7 +394,7 @@ class LowRank(MethodSpec):
         return {"factorization": "low_rank", "rank": rank}
 
 
-INITS = ("svd", "random")
+INITS = ("svd", "random", "calibrated")
 QUANT_METHOD = "kron"
 CONFIG_VERSION = 1
 ROLES = ("embedding", "attention", "ffn", "lm_head")
@@ -452,7 +452,13 @@ class KronConfig(QuantizationConfigMixin):
     rules: dict[str, MethodSpec | None] = field(
         default_factory=dict, metadata={"help": "Pattern -> spec (None keeps dense); first match wins."}
     )
-    init: str = field(default="svd", metadata={"help": "'svd': best approximation of the dense weights; 'random'."})
+    init: str = field(
+        default="svd",
+        metadata={
+            "help": "'svd': best Frobenius approximation of the dense weights; 'calibrated': best approximation "
+            "of the layer outputs on calibration data (compress_model(..., calibration_data=)); 'random'."
+        },
+    )
     version: int = field(default=1, metadata={"help": "Format version of this config."})
     modules: dict[str, dict[str, Any]] | None = field(
         default=None,

@@ -22,6 +22,7 @@ class ModuleReport:
     dense_parameters: int
     compressed_parameters: int
     init_error: float | None
+    output_error: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -42,23 +43,23 @@ class CompressionReport:
         return self.total_before / max(self.total_after, 1)
 
     def __str__(self) -> str:
+        with_outputs = any(m.output_error is not None for m in self.modules)
         header = ("module", "role", "method", "shape", "structure", "dense", "compressed", "ratio", "init error")
+        header += ("output error",) if with_outputs else ()
         rows = [header]
         for m in self.modules:
-            error = "" if m.init_error is None else f"{m.init_error:.4f}"
-            rows.append(
-                (
-                    m.name,
-                    m.role,
-                    m.method,
-                    f"{m.shape[0]}x{m.shape[1]}",
-                    m.structure,
-                    f"{m.dense_parameters:,}",
-                    f"{m.compressed_parameters:,}",
-                    f"{m.ratio:.1f}x",
-                    error,
-                )
+            row = (
+                m.name,
+                m.role,
+                m.method,
+                f"{m.shape[0]}x{m.shape[1]}",
+                m.structure,
+                f"{m.dense_parameters:,}",
+                f"{m.compressed_parameters:,}",
+                f"{m.ratio:.1f}x",
+                "" if m.init_error is None else f"{m.init_error:.4f}",
             )
+            rows.append(row + (("" if m.output_error is None else f"{m.output_error:.4f}"),) if with_outputs else row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * width for width in widths))
@@ -87,8 +88,9 @@ def _describe_structure(structure: dict) -> str:
 def report(model: nn.Module) -> CompressionReport:
     """Parameters before/after for each compressed module and for the whole model.
 
-    For ``init="svd"`` each row also carries the relative approximation error
-    ``||W - W_hat||_F / ||W||_F`` measured when the module was initialized.
+    For ``init="svd"``/``"calibrated"`` each row also carries the relative approximation error
+    ``||W - W_hat||_F / ||W||_F`` measured when the module was initialized and, when calibration data
+    was given, the relative output error ``||(W - W_hat) X^T|| / ||W X^T||`` on that data.
     """
     config = applied_config(model)
     result = CompressionReport()
@@ -119,6 +121,7 @@ def report(model: nn.Module) -> CompressionReport:
                 dense_parameters=entry["dense_parameters"],
                 compressed_parameters=compressed,
                 init_error=entry.get("init_error"),
+                output_error=entry.get("output_error"),
             )
         )
     result.total_before = result.total_after + saved

@@ -11,14 +11,17 @@ import dataclasses
 import importlib
 import logging
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .calibration import CalibrationStats, calibrate
 from .config import EMBEDDING, LINEAR, KronConfig, MethodSpec
 from .factorizations import build_factorization
+from .factorizations.weighted import weighted_error
 from .matching import ALL_LINEAR, pattern_matches, rule_matches
 from .modules import (
     COMPRESSED_MODULES,
@@ -70,6 +73,9 @@ class _Plan:
     group: list[ModuleInfo] = field(default_factory=list)  # embeddings sharing the weight
     replacements: list[nn.Module] = field(default_factory=list)  # one per group member (or the module)
     init_error: float | None = None
+    init_used: str | None = None  # "svd", "random", "calibrated", or "svd" with the reason calibrated was not
+    output_error: float | None = None  # ||(W - W_hat) C^(1/2)|| / ||W C^(1/2)|| when calibration data was given
+    output_error_start: float | None = None  # the same for the K-FAC start, before ALS refinement
 
 
 def _class_path(module: nn.Module) -> str:
@@ -200,15 +206,37 @@ def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan
     return plans
 
 
-def _initialize(factorization: nn.Module, weight: torch.Tensor, init: str) -> float | None:
-    if init == "svd":
-        return factorization.fit(weight)
-    factorization.reset_random(float(weight.detach().float().std()))
-    return None
+def _initialize(
+    plan: _Plan, factorization: nn.Module, weight: torch.Tensor, init: str, stats: CalibrationStats | None
+) -> None:
+    """Fill ``factorization`` by ``init``; ``calibrated`` falls back to ``svd`` (with the reason) where no
+    weighted solver exists (embeddings, order > 2, word2ket) or the layer saw no calibration input."""
+    second_moment = stats.second_moment(plan.info.name) if stats is not None else None
+    if init == "random":
+        factorization.reset_random(float(weight.detach().float().std()))
+        plan.init_used = "random"
+    elif init == "calibrated" and second_moment is not None:
+        errors = factorization.fit_calibrated(weight, second_moment)
+        plan.init_error = factorization.relative_error(weight) if errors is not None else factorization.fit(weight)
+        plan.init_used = "calibrated" if errors is not None else f"svd (no weighted solver for {plan.spec.method})"
+        if errors is not None:
+            plan.output_error_start = errors[0]
+    else:
+        plan.init_error = factorization.fit(weight)
+        if init == "svd":
+            plan.init_used = "svd"
+        elif plan.kind == KIND_EMBEDDING:
+            plan.init_used = "svd (no weighted solver for embeddings: fitted unweighted)"
+        else:
+            plan.init_used = "svd (no calibration input reached this module)"
+    if second_moment is not None:
+        plan.output_error = weighted_error(weight, factorization.materialize(), second_moment)
 
 
 @torch.no_grad()
-def _build(plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbedding]) -> None:
+def _build(
+    plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbedding], stats: CalibrationStats | None
+) -> None:
     module = plan.info.module
     if plan.kind == KIND_TIED_HEAD:
         embedding = built_embeddings[id(module.weight)]
@@ -216,7 +244,7 @@ def _build(plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbeddi
         return
     weight = _weight_matrix(module)
     factorization = build_factorization(plan.structure, plan.rows, plan.cols).to(weight.device, weight.dtype)
-    plan.init_error = _initialize(factorization, weight, init)
+    _initialize(plan, factorization, weight, init, stats)
     factorization.requires_grad_(weight.requires_grad)  # a frozen dense weight gives frozen factors
     if plan.kind == KIND_EMBEDDING:
         plan.replacements = [
@@ -255,6 +283,9 @@ def _record(plan: _Plan) -> dict[str, Any]:
         method=plan.spec.method,
         structure=plan.structure,
         init_error=plan.init_error,
+        init=plan.init_used,
+        output_error=plan.output_error,
+        output_error_start=plan.output_error_start,
         dense_parameters=module.weight.numel(),
     )
     if plan.kind == KIND_EMBEDDING:
@@ -376,7 +407,9 @@ def mark_compressed(model: nn.Module, config: KronConfig | None) -> None:
         attach_quantizer(model, config)
 
 
-def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
+def compress_model(
+    model: nn.Module, config: KronConfig, calibration_data: Iterable | CalibrationStats | None = None
+) -> nn.Module:
     """Replace the model's linears and embeddings by factorized modules, in place; return the model.
 
     Roles come from ``roles.detect_roles`` (works on any HF model); each targeted module's spec
@@ -398,6 +431,14 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
         raise ValueError("compress_model: the model is already compressed; call decompress_model first")
     roles = detect_roles(model)
     plans = _plan(model, config, roles)
+    if config.init == "calibrated" and calibration_data is None:
+        raise ValueError(
+            "compress_model: init='calibrated' needs calibration_data= (a DataLoader or iterable of model-input "
+            "dicts, or the result of kt.calibrate(model, batches))"
+        )
+    stats = calibration_data
+    if calibration_data is not None and not isinstance(calibration_data, CalibrationStats):
+        stats = calibrate(model, calibration_data)
     if not plans:
         warnings.warn("compress_model: no module matched the config; the model is unchanged", stacklevel=2)
         return model
@@ -405,7 +446,7 @@ def compress_model(model: nn.Module, config: KronConfig) -> nn.Module:
     built_embeddings: dict[int, FactorizedEmbedding] = {}
     order = sorted(plans, key=lambda p: p.kind == KIND_TIED_HEAD)  # heads after their embeddings
     for plan in order:
-        _build(plan, config.init, built_embeddings)
+        _build(plan, config.init, built_embeddings, stats)
 
     records: dict[str, Any] = {}
     embedding_names: dict[int, str] = {}

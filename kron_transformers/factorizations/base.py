@@ -58,6 +58,15 @@ class Factorization(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
+        """Minimize ``||(W - W_hat) C^(1/2)||_F`` for the input second moment ``C``.
+
+        Returns the weighted relative error before and after refinement, or None when this
+        factorization has no weighted solver (the caller then uses ``fit``).
+        """
+        return None
+
+    @torch.no_grad()
     def relative_error(self, weight: torch.Tensor) -> float:
         """``||W - materialize()||_F / ||W||_F`` computed in float64."""
         target = weight.to(torch.float64)

@@ -14,6 +14,7 @@ from ..kernels import kron_gather_rows, kron_materialize, kron_matmul
 from .base import Factorization, register_factorization
 from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
 from .shapes import FactorShapes, validate_factor_shapes
+from .weighted import weighted_kronecker_sum
 
 
 # Cost of writing and re-reading one element of an intermediate, in multiply-adds. The factored
@@ -112,6 +113,16 @@ class KroneckerSum(Factorization):
             factor.copy_(value.to(factor.dtype))
         return self.relative_error(weight)
 
+    @torch.no_grad()
+    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
+        """K-FAC start + ALS refinement (``weighted.weighted_kronecker_sum``); order 2 only."""
+        if self.order != 2:
+            return None
+        solution, history = weighted_kronecker_sum(weight, second_moment, self.factor_shapes, self.rank)
+        for factor, value in zip(self.factors, solution):
+            factor.copy_(value.to(factor.dtype))
+        return history[0], history[-1]
+
 
 def _divides(size: int, block: int) -> bool:
     return block >= 1 and size % block == 0
@@ -181,3 +192,12 @@ class KPDFactorization(Factorization):
         self.a.copy_(a.reshape(self.rank, *self.s.shape).to(self.a.dtype))
         self.b.copy_(b.reshape(self.rank, *self.block_size).to(self.b.dtype))
         return self.relative_error(weight)
+
+    @torch.no_grad()
+    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
+        """``S = 1`` and the weighted Kronecker-sum fit (K-FAC start + ALS) for ``A, B``."""
+        (a, b), history = weighted_kronecker_sum(weight, second_moment, self.factor_shapes, self.rank)
+        self.s.fill_(1.0)
+        self.a.copy_(a.to(self.a.dtype))
+        self.b.copy_(b.to(self.b.dtype))
+        return history[0], history[-1]

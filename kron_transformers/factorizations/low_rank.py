@@ -10,6 +10,7 @@ from torch import nn
 
 from .base import Factorization, register_factorization
 from .decompositions import truncated_svd_factors
+from .weighted import weighted_error, whitened_low_rank
 
 
 @register_factorization
@@ -53,3 +54,12 @@ class LowRankFactorization(Factorization):
         self.left.copy_(left.T.to(self.left.dtype))
         self.right.copy_(right.to(self.right.dtype))
         return self.relative_error(weight)
+
+    @torch.no_grad()
+    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
+        """Exact: SVD of ``W C^(1/2)`` mapped back by ``C^(-1/2)`` (no refinement needed)."""
+        left, right = whitened_low_rank(weight, second_moment, self.rank)
+        self.left.copy_(left.to(self.left.dtype))
+        self.right.copy_(right.to(self.right.dtype))
+        error = weighted_error(weight, self.materialize(), second_moment)
+        return error, error

@@ -1,0 +1,77 @@
+"""``kt.calibrate``: input statistics of every linear layer, for ``init="calibrated"``.
+
+For each ``nn.Linear`` / ``Conv1D`` the running second moment ``C = (1/T) sum_t x_t x_t^T`` of its inputs is
+accumulated in float64 on the model's device (memory ``in_features^2`` per layer, independent of the
+amount of data); hooks are removed afterwards, even on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .roles import is_linear
+
+
+@dataclass
+class CalibrationStats:
+    """Per-layer input second moments ``C`` (``in x in``, float64) and the number of input rows seen."""
+
+    second_moments: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows_seen: dict[str, int] = field(default_factory=dict)
+
+    def second_moment(self, name: str) -> torch.Tensor | None:
+        """``E[x x^T]`` for the named layer, or None if it never ran."""
+        if name not in self.second_moments or self.rows_seen[name] == 0:
+            return None
+        return self.second_moments[name] / self.rows_seen[name]
+
+
+def _move(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _move(value, device) for key, value in batch.items()}
+    return batch
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> CalibrationStats:
+    """Run ``model(**batch)`` over ``batches`` (dicts of model inputs, e.g. a DataLoader) and collect ``C``."""
+    stats = CalibrationStats()
+    handles = []
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            inputs = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if name not in stats.second_moments:
+                stats.second_moments[name] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
+                stats.rows_seen[name] = 0
+            stats.second_moments[name] += inputs.T @ inputs
+            stats.rows_seen[name] += inputs.shape[0]
+
+        return hook
+
+    for name, module in model.named_modules():
+        if is_linear(module):
+            handles.append(module.register_forward_hook(record(name)))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for index, batch in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"calibrate: each batch must be a dict of model inputs, got {type(batch).__name__}")
+            model(**_move(batch, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not stats.second_moments:
+        raise ValueError("calibrate: no linear layer ran; give at least one batch of model inputs")
+    return stats

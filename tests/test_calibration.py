@@ -1,0 +1,157 @@
+"""Activation-aware ("calibrated") initialization and distillation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import build_model, make_inputs
+from torch import nn
+
+import kron_transformers as kt
+from kron_transformers.factorizations.weighted import weighted_error, weighted_kronecker_sum
+
+
+def correlated_inputs(features: int, rows: int = 400, seed: int = 0) -> torch.Tensor:
+    """Strongly non-white inputs: mixed, with a decaying spectrum and one dead feature."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=generator)
+    scales = torch.logspace(0, -2, features)
+    x = (torch.randn(rows, features, generator=generator) * scales) @ mixing
+    x[:, -1] = 0.0  # a dead input: C is singular
+    return x
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 24))
+
+
+METHODS = {
+    "shapeshifter": kt.Shapeshifter(rank=2),
+    "kronecker": kt.Kronecker(rank=2, factor_shapes=[[4, 4], [8, 6]]),
+    "phm": kt.PHM(n=4),
+    "kpd": kt.KPD(rank=2, block_size=(4, 4)),
+    "low_rank": kt.LowRank(rank=3),
+}
+
+
+def compress_mlp(method: str, init: str, x: torch.Tensor) -> nn.Module:
+    config = kt.KronConfig(default=METHODS[method], target_modules=["0"], init=init)
+    return kt.compress_model(mlp(), config, calibration_data=[{"input": x}] if init == "calibrated" else None)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_calibrated_has_lower_output_error_than_svd(method):
+    x = correlated_inputs(24)
+    dense = mlp()
+    with torch.no_grad():
+        target = dense[0](x)
+    errors = {}
+    for init in ("svd", "calibrated"):
+        model = compress_mlp(method, init, x)
+        with torch.no_grad():
+            errors[init] = float((model[0](x) - target).norm() / (target - dense[0].bias).norm())
+        entry = kt.applied_config(model).modules["0"]
+        assert entry["init"] == init
+        if init == "calibrated":
+            assert entry["output_error"] == pytest.approx(errors[init], rel=1e-4)
+            assert not torch.isnan(model[0].weight).any()
+    assert errors["calibrated"] < errors["svd"]
+
+
+def test_calibrated_low_rank_is_the_exact_optimum():
+    x = correlated_inputs(24).double()
+    model = kt.compress_model(
+        mlp().double(),
+        kt.KronConfig(default=kt.LowRank(rank=3), target_modules=["0"], init="calibrated"),
+        calibration_data=[{"input": x}],
+    )
+    weight = mlp().double()[0].weight.detach()
+    second_moment = x.T @ x / x.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)
+    root = (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
+    singular = torch.linalg.svdvals(weight @ root)
+    optimum = float(singular[3:].norm() / singular.norm())
+    assert kt.applied_config(model).modules["0"]["output_error"] == pytest.approx(optimum, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("shapes, rank", [(((4, 4), (8, 6)), 2), (((3, 5), (4, 4)), 3), (((2, 2), (6, 8)), 1)])
+def test_als_refinement_never_increases_the_weighted_error(shapes, rank):
+    x = correlated_inputs(shapes[0][1] * shapes[1][1]).double()
+    weight = torch.randn(shapes[0][0] * shapes[1][0], x.shape[1], dtype=torch.float64)
+    _, history = weighted_kronecker_sum(weight, x.T @ x / len(x), shapes, rank, iterations=15)
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(history, history[1:]))
+    assert history[-1] < history[0]
+
+
+def test_weighted_error_is_the_relative_output_error():
+    x = correlated_inputs(10).double()
+    weight, approximation = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    expected = (x @ (weight - approximation).T).norm() / (x @ weight.T).norm()
+    assert weighted_error(weight, approximation, x.T @ x) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_calibrate_collects_every_linear_and_removes_its_hooks():
+    model = build_model("bert")
+    batches = [{"input_ids": make_inputs("bert", seed)["input_ids"]} for seed in range(3)]
+    stats = kt.calibrate(model, batches)
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linears <= set(stats.second_moments)
+    assert all(not m._forward_hooks for m in model.modules())
+    c = stats.second_moment("bert.encoder.layer.0.attention.self.query")
+    assert c.dtype == torch.float64 and torch.allclose(c, c.T)
+    assert stats.rows_seen["bert.encoder.layer.0.attention.self.query"] == 3 * 3 * 7
+
+
+def test_calibrated_compression_of_a_transformer_reports_output_errors_and_states_fallbacks():
+    model = build_model("bert")
+    batches = [{"input_ids": make_inputs("bert", seed)["input_ids"]} for seed in range(3)]
+    stats = kt.calibrate(model, batches)
+    config = kt.KronConfig(
+        embedding=kt.Word2KetXS(rank=4),
+        attention=kt.Shapeshifter(rank=2),
+        ffn=kt.Kronecker(order=3, rank=2),
+        init="calibrated",
+    )
+    kt.compress_model(model, config, calibration_data=stats)
+    modules = kt.applied_config(model).modules
+    assert modules["bert.encoder.layer.0.attention.self.query"]["init"] == "calibrated"
+    assert modules["bert.embeddings.word_embeddings"]["init"].startswith("svd (no weighted solver")
+    assert modules["bert.encoder.layer.0.intermediate.dense"]["init"].startswith("svd (no weighted solver")
+    report = kt.report(model)
+    assert "output error" in str(report)
+    assert all(row.output_error is not None for row in report.modules if row.role != "embedding")
+
+
+def test_calibrated_without_data_is_refused():
+    with pytest.raises(ValueError, match="needs calibration_data="):
+        kt.compress_model(mlp(), kt.KronConfig(default=kt.LowRank(rank=2), target_modules=["0"], init="calibrated"))
+
+
+def test_distillation_brings_the_student_closer_to_the_teacher():
+    teacher = build_model("bert")
+    student = kt.compress_model(
+        copy.deepcopy(teacher), kt.KronConfig(attention=kt.Shapeshifter(rank=1), ffn=kt.LowRank(rank=2))
+    )
+    batches = [{"input_ids": make_inputs("bert", seed)["input_ids"]} for seed in range(4)]
+
+    def distance() -> float:
+        with torch.no_grad():
+            return sum(
+                float(
+                    (
+                        student(**b, output_hidden_states=True).hidden_states[-1]
+                        - teacher(**b, output_hidden_states=True).hidden_states[-1]
+                    )
+                    .pow(2)
+                    .mean()
+                )
+                for b in batches
+            )
+
+    before = distance()
+    losses = kt.distill(student, teacher, batches, steps=60, lr=1e-3, layer_outputs=True)
+    student.eval()
+    assert losses[-1] < losses[0] and distance() < 0.7 * before
