@@ -1,8 +1,9 @@
-"""``kt.calibrate``: input statistics of every linear layer, for ``init="calibrated"``.
+"""``kt.calibrate``: input statistics of every linear and embedding layer, for ``init="calibrated"``.
 
 For each ``nn.Linear`` / ``Conv1D`` the running second moment ``C = (1/T) sum_t x_t x_t^T`` of its inputs is
 accumulated in float64 on the model's device (memory ``in_features^2`` per layer, independent of the
-amount of data); hooks are removed afterwards, even on error.
+amount of data); for each ``nn.Embedding``, how often each row is looked up (the embedding's input
+statistic). Hooks are removed afterwards, even on error.
 """
 
 from __future__ import annotations
@@ -22,12 +23,20 @@ class CalibrationStats:
 
     second_moments: dict[str, torch.Tensor] = field(default_factory=dict)
     rows_seen: dict[str, int] = field(default_factory=dict)
+    token_counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def second_moment(self, name: str) -> torch.Tensor | None:
         """``E[x x^T]`` for the named layer, or None if it never ran."""
         if name not in self.second_moments or self.rows_seen[name] == 0:
             return None
         return self.second_moments[name] / self.rows_seen[name]
+
+    def token_frequency(self, name: str) -> torch.Tensor | None:
+        """How often each row of the named embedding was looked up (sums to 1), or None."""
+        counts = self.token_counts.get(name)
+        if counts is None or counts.sum() == 0:
+            return None
+        return counts / counts.sum()
 
 
 def _move(batch, device: torch.device):
@@ -55,9 +64,19 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
 
         return hook
 
+    def count(name: str, rows: int):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            ids = args[0].detach().reshape(-1)
+            counts = stats.token_counts.setdefault(name, torch.zeros(rows, dtype=torch.float64, device=ids.device))
+            counts += torch.bincount(ids, minlength=rows).to(torch.float64)
+
+        return hook
+
     for name, module in model.named_modules():
         if is_linear(module):
             handles.append(module.register_forward_hook(record(name)))
+        elif isinstance(module, nn.Embedding):
+            handles.append(module.register_forward_hook(count(name, module.num_embeddings)))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -21,7 +21,7 @@ from torch import nn
 from .calibration import CalibrationStats, calibrate
 from .config import EMBEDDING, LINEAR, KronConfig, MethodSpec
 from .factorizations import build_factorization
-from .factorizations.weighted import weighted_error
+from .factorizations.weighted import row_weighted_error, weighted_error
 from .matching import ALL_LINEAR, pattern_matches, rule_matches
 from .modules import (
     COMPRESSED_MODULES,
@@ -212,6 +212,7 @@ def _initialize(
     """Fill ``factorization`` by ``init``; ``calibrated`` falls back to ``svd`` (with the reason) where no
     weighted solver exists (embeddings, order > 2, word2ket) or the layer saw no calibration input."""
     second_moment = stats.second_moment(plan.info.name) if stats is not None else None
+    frequency = stats.token_frequency(plan.info.name) if stats is not None and plan.kind == KIND_EMBEDDING else None
     if init == "random":
         factorization.reset_random(float(weight.detach().float().std()))
         plan.init_used = "random"
@@ -221,16 +222,23 @@ def _initialize(
         plan.init_used = "calibrated" if errors is not None else f"svd (no weighted solver for {plan.spec.method})"
         if errors is not None:
             plan.output_error_start = errors[0]
+    elif init == "calibrated" and frequency is not None and factorization.fit_row_weighted(weight, frequency):
+        plan.init_error = factorization.relative_error(weight)
+        plan.init_used = "calibrated (token frequency)"
     else:
         plan.init_error = factorization.fit(weight)
         if init == "svd":
             plan.init_used = "svd"
+        elif plan.kind == KIND_EMBEDDING and frequency is not None:
+            plan.init_used = f"svd (no frequency-weighted solver for {plan.spec.method} of this order)"
         elif plan.kind == KIND_EMBEDDING:
-            plan.init_used = "svd (no weighted solver for embeddings: fitted unweighted)"
+            plan.init_used = "svd (no calibration input reached this embedding)"
         else:
             plan.init_used = "svd (no calibration input reached this module)"
     if second_moment is not None:
         plan.output_error = weighted_error(weight, factorization.materialize(), second_moment)
+    elif frequency is not None:
+        plan.output_error = row_weighted_error(weight, factorization.materialize(), frequency)
 
 
 @torch.no_grad()

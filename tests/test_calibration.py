@@ -118,11 +118,11 @@ def test_calibrated_compression_of_a_transformer_reports_output_errors_and_state
     kt.compress_model(model, config, calibration_data=stats)
     modules = kt.applied_config(model).modules
     assert modules["bert.encoder.layer.0.attention.self.query"]["init"] == "calibrated"
-    assert modules["bert.embeddings.word_embeddings"]["init"].startswith("svd (no weighted solver")
+    assert modules["bert.embeddings.word_embeddings"]["init"] == "calibrated (token frequency)"
     assert modules["bert.encoder.layer.0.intermediate.dense"]["init"].startswith("svd (no weighted solver")
     report = kt.report(model)
     assert "output error" in str(report)
-    assert all(row.output_error is not None for row in report.modules if row.role != "embedding")
+    assert all(row.output_error is not None for row in report.modules)
 
 
 def test_calibrated_without_data_is_refused():
@@ -155,3 +155,50 @@ def test_distillation_brings_the_student_closer_to_the_teacher():
     losses = kt.distill(student, teacher, batches, steps=60, lr=1e-3, layer_outputs=True)
     student.eval()
     assert losses[-1] < losses[0] and distance() < 0.7 * before
+
+
+def skewed_embedding_task(vocab: int = 60, dim: int = 12, seed: int = 0):
+    """An embedding and token frequencies that factor over the vocabulary digits (a 6 x 10 grid), Zipf-like."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, dim, generator=generator, dtype=torch.float64)
+    frequency = torch.kron(
+        1.0 / torch.arange(1, 7, dtype=torch.float64), 1.0 / torch.arange(1, 11, dtype=torch.float64) ** 2
+    )
+    return weight, frequency / frequency.sum()
+
+
+def test_row_weighted_low_rank_embedding_is_the_exact_optimum():
+    from kron_transformers.factorizations import LowRankFactorization
+    from kron_transformers.factorizations.weighted import row_weighted_error
+
+    weight, frequency = skewed_embedding_task()
+    calibrated = LowRankFactorization(60, 12, rank=3).double()
+    assert calibrated.fit_row_weighted(weight, frequency)
+    singular = torch.linalg.svdvals(weight * frequency.sqrt()[:, None])
+    optimum = float(singular[3:].norm() / singular.norm())
+    error = row_weighted_error(weight, calibrated.materialize().detach(), frequency)
+    assert error == pytest.approx(optimum, rel=1e-4)
+    plain = LowRankFactorization(60, 12, rank=3).double()
+    plain.fit(weight)
+    assert error < row_weighted_error(weight, plain.materialize().detach(), frequency)
+
+
+def test_row_weighted_kronecker_embedding_beats_svd_on_frequent_tokens():
+    from kron_transformers.factorizations import KroneckerSum
+    from kron_transformers.factorizations.weighted import row_weighted_error
+
+    weight, frequency = skewed_embedding_task()
+    errors = {}
+    for weighted in (False, True):
+        factorization = KroneckerSum(60, 12, ((6, 3), (10, 4)), rank=2).double()
+        factorization.fit_row_weighted(weight, frequency) if weighted else factorization.fit(weight)
+        errors[weighted] = row_weighted_error(weight, factorization.materialize().detach(), frequency)
+    assert errors[True] < errors[False]
+
+
+def test_calibrate_counts_embedding_lookups():
+    model = build_model("bert")
+    ids = make_inputs("bert")["input_ids"]
+    stats = kt.calibrate(model, [{"input_ids": ids}])
+    frequency = stats.token_frequency("bert.embeddings.word_embeddings")
+    torch.testing.assert_close(frequency, torch.bincount(ids.reshape(-1), minlength=99).double() / ids.numel())

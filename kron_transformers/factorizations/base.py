@@ -67,6 +67,14 @@ class Factorization(nn.Module):
         return None
 
     @torch.no_grad()
+    def fit_row_weighted(self, weight: torch.Tensor, row_weights: torch.Tensor) -> bool:
+        """Minimize the token-frequency-weighted error ``||diag(f)^(1/2)(E - E_hat)||_F`` of an embedding.
+
+        Returns False when this factorization has no row-weighted solver (the caller then uses ``fit``).
+        """
+        return False
+
+    @torch.no_grad()
     def relative_error(self, weight: torch.Tensor) -> float:
         """``||W - materialize()||_F / ||W||_F`` computed in float64."""
         target = weight.to(torch.float64)

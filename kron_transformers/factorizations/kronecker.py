@@ -14,7 +14,7 @@ from ..kernels import kron_gather_rows, kron_materialize, kron_matmul
 from .base import Factorization, register_factorization
 from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
 from .shapes import FactorShapes, validate_factor_shapes
-from .weighted import weighted_kronecker_sum
+from .weighted import row_weighted_kronecker_sum, weighted_kronecker_sum
 
 
 # Cost of writing and re-reading one element of an intermediate, in multiply-adds. The factored
@@ -122,6 +122,16 @@ class KroneckerSum(Factorization):
         for factor, value in zip(self.factors, solution):
             factor.copy_(value.to(factor.dtype))
         return history[0], history[-1]
+
+    @torch.no_grad()
+    def fit_row_weighted(self, weight: torch.Tensor, row_weights: torch.Tensor) -> bool:
+        """Order 2 (word2ketXS / Shapeshifter embeddings): frequency scaling folded into the factors."""
+        if self.order != 2:
+            return False
+        solution = row_weighted_kronecker_sum(weight, row_weights, self.factor_shapes, self.rank)
+        for factor, value in zip(self.factors, solution):
+            factor.copy_(value.to(factor.dtype))
+        return True
 
 
 def _divides(size: int, block: int) -> bool:

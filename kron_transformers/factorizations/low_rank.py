@@ -10,7 +10,7 @@ from torch import nn
 
 from .base import Factorization, register_factorization
 from .decompositions import truncated_svd_factors
-from .weighted import weighted_error, whitened_low_rank
+from .weighted import row_weighted_low_rank, weighted_error, whitened_low_rank
 
 
 @register_factorization
@@ -63,3 +63,11 @@ class LowRankFactorization(Factorization):
         self.right.copy_(right.to(self.right.dtype))
         error = weighted_error(weight, self.materialize(), second_moment)
         return error, error
+
+    @torch.no_grad()
+    def fit_row_weighted(self, weight: torch.Tensor, row_weights: torch.Tensor) -> bool:
+        """Exact: SVD of the frequency-scaled rows."""
+        left, right = row_weighted_low_rank(weight, row_weights, self.rank)
+        self.left.copy_(left.to(self.left.dtype))
+        self.right.copy_(right.to(self.right.dtype))
+        return True

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kron_materialize
-from .decompositions import rearrange, truncated_svd_factors
+from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
 
 
 DAMPING = 1e-6
@@ -128,3 +128,39 @@ def weighted_kronecker_sum(
         if history[-2] - history[-1] < tolerance * history[-2]:
             break
     return [first, second], history
+
+
+def row_weighted_error(weight: torch.Tensor, approximation: torch.Tensor, row_weights: torch.Tensor) -> float:
+    """``sqrt(sum_v f_v ||E_v - E_hat_v||^2 / sum_v f_v ||E_v||^2)``: embedding error weighted by token frequency."""
+    difference = (weight - approximation).to(torch.float64).pow(2).sum(1)
+    total = (weight.to(torch.float64).pow(2).sum(1) * row_weights).sum().clamp_min(1e-300)
+    return float(((difference * row_weights).sum() / total).sqrt())
+
+
+def _row_scale(row_weights: torch.Tensor) -> torch.Tensor:
+    """``sqrt(f + damping)``: never-seen tokens keep a small weight, so their rows stay defined."""
+    return (row_weights + DAMPING * row_weights.mean().clamp_min(1e-30) + 1e-30).sqrt()
+
+
+def row_weighted_low_rank(weight: torch.Tensor, row_weights: torch.Tensor, rank: int):
+    """Exact minimizer of ``||diag(f)^(1/2) (E - U V)||_F``: SVD of the scaled rows, then unscale ``U``."""
+    scale = _row_scale(row_weights.to(torch.float64))
+    left, right = truncated_svd_factors(weight.to(torch.float64) * scale[:, None], rank)
+    return left.T / scale[:, None], right
+
+
+def row_weighted_kronecker_sum(weight: torch.Tensor, row_weights: torch.Tensor, factor_shapes, rank: int):
+    """Order-2 start for ``||diag(f)^(1/2)(E - sum_k A_k ⊗ B_k)||``: ``f`` (reshaped ``a1 x a2``) is replaced by its
+    nearest rank-1 product ``f1 f2^T``, so ``diag(f) ≈ diag(f1) ⊗ diag(f2)`` and the scaling moves into the
+    factors (the row-side analogue of the K-FAC start); exact when token frequencies factor over the digits."""
+    (a1, _), (a2, _) = factor_shapes
+    weights = row_weights.to(torch.float64).new_zeros(a1 * a2)
+    weights[: row_weights.shape[0]] = row_weights.to(torch.float64)
+    first, second = truncated_svd_factors(weights.reshape(a1, a2), 1)
+    f1, f2 = first[0].abs(), second[0].abs()
+    s1, s2 = _row_scale(f1), _row_scale(f2)
+    padded = weight.to(torch.float64).new_zeros(a1 * a2, weight.shape[1])
+    padded[: weight.shape[0]] = weight.to(torch.float64)
+    scaled = padded * torch.kron(s1, s2)[:, None]
+    left, right = nearest_kronecker_sum(scaled, factor_shapes, rank)
+    return [left / s1[None, :, None], right / s2[None, :, None]]

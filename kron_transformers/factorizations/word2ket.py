@@ -108,3 +108,11 @@ class Word2KetFactorization(Factorization):
         for leaf, value in zip(self.leaves, solution):
             leaf.copy_(value.to(leaf.dtype))
         return self.relative_error(weight)
+
+    @torch.no_grad()
+    def fit_row_weighted(self, weight: torch.Tensor, row_weights: torch.Tensor) -> bool:
+        """Rows are independent, so the per-row fit is already optimal for any token frequencies."""
+        if self.norms is not None:
+            return False
+        self.fit(weight)
+        return True
