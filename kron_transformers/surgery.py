@@ -423,7 +423,9 @@ def compress_model(
     Roles come from ``roles.detect_roles`` (works on any HF model); each targeted module's spec
     is resolved to exact shapes and ranks (``KronConfig`` docstring), every replacement is built
     and initialized (``init="svd"``: best Frobenius approximation of the dense weight;
-    ``"random"``: de novo, scaled to the dense weight's standard deviation), then all are
+    ``"calibrated"``: best approximation of the layer's outputs on ``calibration_data``, a DataLoader /
+    iterable of model-input dicts or ``kt.calibrate``'s result; ``"random"``: de novo, scaled to the
+    dense weight's standard deviation), then all are
     swapped at once. A tied output head shares the embedding's factors. A copy of ``config``
     with the resolved structure in ``modules`` becomes ``model.config.quantization_config``.
 
