@@ -39,11 +39,12 @@ class CalibrationStats:
         return counts / counts.sum()
 
 
-def _move(batch, device: torch.device):
+def move_to_device(batch, device: torch.device):
+    """Tensors of a (nested) batch moved to ``device``; other values unchanged."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return {key: _move(value, device) for key, value in batch.items()}
+        return {key: move_to_device(value, device) for key, value in batch.items()}
     return batch
 
 
@@ -86,7 +87,7 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
                 break
             if not isinstance(batch, Mapping):
                 raise TypeError(f"calibrate: each batch must be a dict of model inputs, got {type(batch).__name__}")
-            model(**_move(batch, device))
+            model(**move_to_device(batch, device))
     finally:
         for handle in handles:
             handle.remove()

@@ -49,10 +49,6 @@ def _read_metrics(path: str | None) -> dict | None:
         raise ValueError(f"cannot read metrics from {path}: {error}") from None
 
 
-def _hub_id(source: str) -> str | None:
-    return source if not Path(source).exists() and source.count("/") == 1 else None
-
-
 def compress(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
@@ -68,7 +64,7 @@ def compress(args: argparse.Namespace) -> None:
     compress_model(model, config)
     _progress(f"compressed in {time.perf_counter() - start:.1f} s")
     print(report(model))
-    base_model = args.base_model or _hub_id(args.model)
+    base_model = args.base_model  # None: the card derives it from the loaded model's name when it is a Hub id
     _progress(f"saving to {args.output}")
     model.save_pretrained(args.output)
     write_model_card(model, args.output, repo_id=args.push_to_hub, base_model=base_model)

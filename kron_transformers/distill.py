@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import _move
+from .calibration import move_to_device
 from .surgery import applied_config
 
 
@@ -72,7 +72,7 @@ def distill(
     losses = []
     try:
         for batch in itertools.islice(itertools.cycle(data), steps):
-            batch = _move(dict(batch), device)
+            batch = move_to_device(dict(batch), device)
             with torch.no_grad():
                 target = teacher(**batch, output_hidden_states=True)
             output = student(**batch, output_hidden_states=True)

@@ -89,10 +89,11 @@ def threshold_and_freeze(model: nn.Module, threshold: float) -> int:
 
 def sparsity(model: nn.Module, tolerance: float = 0.0) -> dict[str, float]:
     """Fraction of blocks switched off per KPD term: entries of ``S`` with ``|S| <= tolerance`` (abs, not sign)."""
-    return {
-        name: float((factorization.s.detach().abs() <= tolerance).float().mean())
-        for name, factorization in kpd_factorizations(model).items()
-    }
+    return {name: _zero_fraction(f.s, tolerance) for name, f in kpd_factorizations(model).items()}
+
+
+def _zero_fraction(s: torch.Tensor, tolerance: float = 0.0) -> float:
+    return float((s.detach().abs() <= tolerance).float().mean())
 
 
 def optimal_factor_shapes(m: int, n: int, rank: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -259,7 +260,7 @@ def layer_report(model: nn.Module, batch: int = 1) -> list[LayerReport]:
                 LayerReport(
                     name=name,
                     block_size=factorization.block_size,
-                    sparsity=float((factorization.s.detach().abs() == 0).float().mean()),
+                    sparsity=_zero_fraction(factorization.s),
                     training_parameters=factorization.num_parameters(),
                     training_flops=training_flops(
                         weight.shape[0], weight.shape[1], factorization.block_size, factorization.rank, batch

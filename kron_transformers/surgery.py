@@ -209,8 +209,9 @@ def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan
 def _initialize(
     plan: _Plan, factorization: nn.Module, weight: torch.Tensor, init: str, stats: CalibrationStats | None
 ) -> None:
-    """Fill ``factorization`` by ``init``; ``calibrated`` falls back to ``svd`` (with the reason) where no
-    weighted solver exists (embeddings, order > 2, word2ket) or the layer saw no calibration input."""
+    """Fill ``factorization`` by ``init``. ``calibrated`` weights linears by their input second moment and
+    embeddings by token frequency; it falls back to ``svd`` (recording why) where no weighted solver
+    exists (order > 2, word2ket with LayerNorm) or the layer saw no calibration input."""
     second_moment = stats.second_moment(plan.info.name) if stats is not None else None
     frequency = stats.token_frequency(plan.info.name) if stats is not None and plan.kind == KIND_EMBEDDING else None
     if init == "random":
@@ -370,10 +371,7 @@ def _is_parameter(model: nn.Module, parameter_path: str) -> bool:
 
 def _module_of_parameter(model: nn.Module, parameter_path: str) -> nn.Module | None:
     module_path = parameter_path.rpartition(".")[0]
-    try:
-        return model.get_submodule(module_path) if module_path else model
-    except AttributeError:
-        return None
+    return model.get_submodule(module_path) if _has_submodule(model, module_path) else None
 
 
 def _restore_tied_weights_keys(model: nn.Module) -> None:

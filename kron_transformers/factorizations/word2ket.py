@@ -55,14 +55,7 @@ class Word2KetFactorization(Factorization):
 
     def _tree_rows(self, ids: torch.Tensor) -> torch.Tensor:
         leaves = [leaf[ids] for leaf in self.leaves]  # (..., r, q_j)
-        if self.norms is None:
-            return kron_vectors_tree(leaves)
-        norm_by_size = iter(self.norms)
-
-        def normalize(level: int, node: torch.Tensor) -> torch.Tensor:
-            return next(norm_by_size)(node)
-
-        return kron_vectors_tree(leaves, normalize)
+        return kron_vectors_tree(leaves, self.norms)
 
     def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._tree_rows(ids).sum(-2)[..., : self.cols]

@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers import AutoConfig
 
-from ..config import QUANT_METHOD
+from ..config import QUANT_METHOD, KronConfig
 
 
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
@@ -31,13 +31,7 @@ def from_pretrained(
         config = AutoConfig.from_pretrained(
             pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         )
-    quantization = getattr(config, "quantization_config", None)
-    method = (
-        quantization.get("quant_method")
-        if isinstance(quantization, dict)
-        else getattr(quantization, "quant_method", None)
-    )
-    if method != QUANT_METHOD and kwargs.get("quantization_config") is None:
+    if recorded_kron_config(config) is None and kwargs.get("quantization_config") is None:
         raise ValueError(
             f"{pretrained_model_name_or_path} is not a kron_transformers checkpoint (its config has no "
             f"quantization_config with quant_method 'kron'); load it with transformers, or pass "
@@ -46,6 +40,14 @@ def from_pretrained(
     if model_class is None:
         model_class = model_class_for(config)
     return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def recorded_kron_config(config: Any) -> KronConfig | None:
+    """The checkpoint's ``KronConfig`` (``config.json``'s ``quantization_config`` with method ``kron``), or None."""
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        return KronConfig.from_dict(quantization) if quantization.get("quant_method") == QUANT_METHOD else None
+    return quantization if isinstance(quantization, KronConfig) else None
 
 
 def model_class_for(config: Any, override: str | None = None) -> type:
@@ -62,14 +64,11 @@ def model_class_for(config: Any, override: str | None = None) -> type:
 
 def load_structure(pretrained_model_name_or_path: str | os.PathLike, model_class: str | None = None):
     """The compressed model of a checkpoint on the ``meta`` device: structure and counts, no weights read."""
-    from ..config import KronConfig
     from ..surgery import mark_compressed, rebuild_structure
 
     config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
-    quantization = getattr(config, "quantization_config", None)
-    if isinstance(quantization, dict):
-        quantization = KronConfig.from_dict(quantization) if quantization.get("quant_method") == QUANT_METHOD else None
-    if not isinstance(quantization, KronConfig) or quantization.modules is None:
+    quantization = recorded_kron_config(config)
+    if quantization is None or quantization.modules is None:
         raise ValueError(
             f"{pretrained_model_name_or_path} is not a kron_transformers checkpoint (no 'kron' "
             f"quantization_config with resolved modules in its config.json)"

@@ -37,15 +37,7 @@ def push_to_hub(
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
-        card = write_model_card(model, folder, repo_id=repo_id, base_model=base_model, metrics=metrics)
-        if tags:
-            text = card.read_text("utf-8")
-            card.write_text(
-                text.replace(
-                    "- kron_transformers\n", "- kron_transformers\n" + "".join(f"- {tag}\n" for tag in tags), 1
-                ),
-                "utf-8",
-            )
+        write_model_card(model, folder, repo_id=repo_id, base_model=base_model, metrics=metrics, tags=tags)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

@@ -43,9 +43,16 @@ def _evaluation_section(metrics: dict[str, Any] | None) -> str:
 
 
 def render_model_card(
-    model: nn.Module, repo_id: str | None = None, base_model: str | None = None, metrics: dict[str, Any] | None = None
+    model: nn.Module,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
 ) -> str:
-    """The card text: YAML front matter (library, tags, base model), parameters per role, methods, loading."""
+    """The card text: YAML front matter (library, tags, base model), parameters per role, methods, loading.
+
+    ``tags`` are added to the card's own (``kron_transformers``, ``kronecker`` and each method).
+    """
     config = applied_config(model)
     if config is None:
         raise ValueError("render_model_card: the model is not compressed; call kron_transformers.compress_model first")
@@ -65,7 +72,7 @@ def render_model_card(
         f"| {method} | {len(rows)} | {', '.join(sorted({r.structure for r in rows}))} | {SPECS[method].paper} |"
         for method, rows in sorted(by_method.items())
     )
-    tags = ["kron_transformers", "kronecker", *sorted(m.lower() for m in by_method)]
+    all_tags = ["kron_transformers", *(tags or []), "kronecker", *sorted(m.lower() for m in by_method)]
     base = _base_model(model, base_model)
     model_class = type(model).__name__
     tied = "\n".join(
@@ -73,7 +80,7 @@ def render_model_card(
         for head, embedding in summary.tied.items()
     )
     return _template().substitute(
-        tags="\n".join(f"- {tag}" for tag in tags),
+        tags="\n".join(f"- {tag}" for tag in all_tags),
         base_model_line=f"base_model: {base}" if base else "",
         title=repo_id or f"{model_class} (kron_transformers)",
         architecture=f"`{model_class}`" + (f" from `{base}`" if base else ""),
@@ -95,8 +102,9 @@ def write_model_card(
     repo_id: str | None = None,
     base_model: str | None = None,
     metrics: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
 ) -> Path:
     """Write (or refresh) ``folder/README.md``; returns its path."""
     path = Path(folder) / "README.md"
-    path.write_text(render_model_card(model, repo_id, base_model, metrics), encoding="utf-8")
+    path.write_text(render_model_card(model, repo_id, base_model, metrics, tags), encoding="utf-8")
     return path

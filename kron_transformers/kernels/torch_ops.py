@@ -106,25 +106,25 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: 
 
 def kron_vectors_tree(
     vectors: Sequence[torch.Tensor],
-    normalize: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    normalizers: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Kronecker product of vectors ``v_1 ⊗ ... ⊗ v_n`` along the last axis, as a balanced tree.
 
     ``((v_1 ⊗ v_2) ⊗ (v_3 ⊗ v_4))`` rather than a left fold (seed 003, section 3.3.3), so the
-    sequential depth is ``O(log n)``. ``normalize(level, node)`` is applied to every internal
-    node (word2ket's optional LayerNorm); leading axes broadcast.
+    sequential depth is ``O(log n)``. ``normalizers`` (word2ket's optional LayerNorms), one per
+    internal node in the order the nodes are formed (level by level, left to right), are applied to
+    those nodes; leading axes broadcast.
     """
+    remaining_normalizers = iter(normalizers) if normalizers is not None else None
     level_nodes = list(vectors)
-    level = 0
     while len(level_nodes) > 1:
         merged = []
         for left, right in zip(level_nodes[0::2], level_nodes[1::2]):
             node = (left[..., :, None] * right[..., None, :]).flatten(-2)
-            merged.append(normalize(level, node) if normalize is not None else node)
+            merged.append(next(remaining_normalizers)(node) if remaining_normalizers is not None else node)
         if len(level_nodes) % 2:
             merged.append(level_nodes[-1])
         level_nodes = merged
-        level += 1
     return level_nodes[0]
 
 
