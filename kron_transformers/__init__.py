@@ -7,7 +7,7 @@ print(kt.report(model))
 ```
 """
 
-from . import kpd
+from . import kpd, training
 from .calibration import CalibrationStats, calibrate
 from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
 from .distill import distill
@@ -27,6 +27,7 @@ from .modules import (
 )
 from .report import CompressionReport, report
 from .surgery import applied_config, compress_model, decompress_model
+from .training import KronTrainingCallback, on_train_step
 
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "KronEmbedding",
     "KronHfQuantizer",
     "KronLinear",
+    "KronTrainingCallback",
     "Kronecker",
     "LowRank",
     "LowRankEmbedding",
@@ -62,9 +64,11 @@ __all__ = [
     "decompress_model",
     "distill",
     "kpd",
+    "on_train_step",
     "from_pretrained",
     "push_to_hub",
     "render_model_card",
     "report",
+    "training",
     "write_model_card",
 ]
