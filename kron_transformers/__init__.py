@@ -9,7 +9,18 @@ print(kt.report(model))
 
 from . import kpd, training
 from .calibration import CalibrationStats, calibrate
-from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
+from .config import (
+    KPD,
+    PHM,
+    KronConfig,
+    Kronecker,
+    LowRank,
+    MethodSpec,
+    Shapeshifter,
+    TensorTrain,
+    Word2Ket,
+    Word2KetXS,
+)
 from .distill import distill
 from .integration import KronHfQuantizer, from_pretrained, push_to_hub, render_model_card, write_model_card
 from .modules import (
@@ -23,6 +34,8 @@ from .modules import (
     LowRankEmbedding,
     LowRankLinear,
     TiedFactorizedHead,
+    TTEmbedding,
+    TTEmbeddingBag,
     Word2KetEmbedding,
 )
 from .report import CompressionReport, report
@@ -72,3 +85,4 @@ __all__ = [
     "training",
     "write_model_card",
 ]
+__all__ += ["TensorTrain", "TTEmbedding", "TTEmbeddingBag"]

@@ -24,6 +24,15 @@ from .factorizations.shapes import (
     max_kronecker_rank,
     validate_factor_shapes,
 )
+from .factorizations.tensor_train import (
+    DEFAULT_TT_RANK,
+    SAMPLED_GAUSSIAN,
+    TT_INITS,
+    max_tt_ranks,
+    resolve_tt_ranks,
+    tt_num_parameters,
+    tt_shapes,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -516,3 +525,108 @@ class KronConfig(QuantizationConfigMixin):
     @classmethod
     def from_json_string(cls, text: str) -> KronConfig:
         return cls.from_dict(json.loads(text))
+
+
+@register_spec
+@dataclass
+class TensorTrain(MethodSpec):
+    """TT-Rec (seed 004, section 3): the embedding table as a tensor train of ``num_cores`` cores.
+
+    ``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]``, rows built on demand.
+    Embeddings only (a tied output head shares the cores). Everything has a default, so
+    ``kt.TensorTrain()`` fits any table: automatic shapes (vocabulary padded, embedding dimension
+    factored exactly) and TT rank 16, or the largest uniform rank meeting ``compression=``.
+
+    ```py
+    kt.KronConfig(embedding=kt.TensorTrain(tt_ranks=8))
+    kt.KronConfig(embedding=kt.TensorTrain(num_cores=4, compression=50), init="random")
+    ```
+    """
+
+    targets: ClassVar[frozenset[str]] = frozenset({EMBEDDING})
+    paper: ClassVar[str] = "seed 004 (TT-Rec), section 3"
+
+    rank: int | None = field(default=None, metadata={"help": "Unused: set tt_ranks=."})
+    num_cores: int = field(default=3, metadata={"help": "Number d of TT cores (>= 2; the paper uses 2-4)."})
+    tt_ranks: int | list[int] | None = field(
+        default=None,
+        metadata={"help": f"TT rank of every inner bond (int) or one per bond; {DEFAULT_TT_RANK} when unset."},
+    )
+    tt_shapes: list[list[int]] | None = field(
+        default=None, metadata={"help": "Explicit (m_k, n_k) per core; automatic (see tt_shapes()) when None."}
+    )
+    init: str = field(
+        default=SAMPLED_GAUSSIAN,
+        metadata={"help": f"Core distribution for KronConfig(init='random'): one of {TT_INITS}."},
+    )
+    cache_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the rows kept uncompressed in the LFU cache (seed 004, 4.2)."}
+    )
+    cache_warmup_steps: int = field(default=100, metadata={"help": "Training steps counted before the first fill."})
+    cache_refresh_every: int = field(default=1000, metadata={"help": "Steps between cache refills (0: never)."})
+    cache_write_back_steps: int = field(
+        default=20, metadata={"help": "L-BFGS iterations writing evicted rows back into the cores (0: discard)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank is not None:
+            raise ValueError("TensorTrain: set tt_ranks= (an int or one int per inner bond), not rank=")
+        if self.tt_ranks is not None and self.compression is not None:
+            raise ValueError("TensorTrain: give tt_ranks= or compression=, not both")
+        if self.compression is not None and not (isinstance(self.compression, (int, float)) and self.compression > 1):
+            raise ValueError(f"TensorTrain: compression must be a number > 1, got {self.compression!r}")
+        if not isinstance(self.num_cores, int) or isinstance(self.num_cores, bool) or self.num_cores < 2:
+            raise ValueError(f"TensorTrain: num_cores must be an int >= 2, got {self.num_cores!r}")
+        if isinstance(self.tt_ranks, (list, tuple)):
+            self.tt_ranks = list(self.tt_ranks)
+        if self.tt_shapes is not None:
+            self.tt_shapes = [list(shape) for shape in self.tt_shapes]
+            if len(self.tt_shapes) != self.num_cores:
+                raise ValueError(
+                    f"TensorTrain: {len(self.tt_shapes)} tt_shapes given for num_cores={self.num_cores}; "
+                    f"give one (m_k, n_k) pair per core"
+                )
+        if self.init not in TT_INITS:
+            raise ValueError(f"TensorTrain: init must be one of {TT_INITS}, got {self.init!r}")
+        if not isinstance(self.cache_fraction, (int, float)) or not 0.0 <= self.cache_fraction <= 1.0:
+            raise ValueError(f"TensorTrain: cache_fraction must be in [0, 1], got {self.cache_fraction!r}")
+        for name in ("cache_warmup_steps", "cache_refresh_every", "cache_write_back_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TensorTrain: {name} must be an int >= 0, got {value!r}")
+
+    def resolve(self, rows: int, cols: int, target: str, module_name: str) -> dict[str, Any]:
+        self.check_target(target, module_name, rows, cols)
+        if self.tt_shapes is not None:
+            shapes = validate_factor_shapes(self.tt_shapes, rows, cols, module_name)
+        else:
+            shapes = tuple(tt_shapes(rows, cols, self.num_cores))
+        if self.compression is not None:
+            bonds = self.num_cores - 1
+            rank = self._rank_for_budget(
+                lambda r: tt_num_parameters(shapes, [min(r, m) for m in max_tt_ranks(shapes)]),
+                max(max_tt_ranks(shapes)),
+                rows,
+                cols,
+                module_name,
+            )
+            ranks = resolve_tt_ranks([rank] * bonds, shapes, module_name)
+        else:
+            requested = self.tt_ranks if self.tt_ranks is not None else DEFAULT_TT_RANK
+            ranks = resolve_tt_ranks(requested, shapes, module_name)
+        logger.info("%s: TensorTrain shapes %s, ranks %s", module_name, [list(s) for s in shapes], ranks)
+        structure: dict[str, Any] = {
+            "factorization": "tensor_train",
+            "tt_shapes": [list(s) for s in shapes],
+            "tt_ranks": ranks,
+            "init": self.init,
+        }
+        cache_size = round(self.cache_fraction * rows)
+        if cache_size:
+            structure.update(
+                cache_size=cache_size,
+                cache_warmup_steps=self.cache_warmup_steps,
+                cache_refresh_every=self.cache_refresh_every,
+                cache_write_back_steps=self.cache_write_back_steps,
+            )
+        return structure

@@ -73,6 +73,10 @@ def _describe_structure(structure: dict) -> str:
     if "nonzero_blocks" in structure:
         rows, cols = structure["block_size"]
         return f"block-sparse {rows}x{cols}, {structure['nonzero_blocks']} blocks"
+    if "tt_ranks" in structure:
+        shapes = " ⊗ ".join(f"{m}x{n}" for m, n in structure["tt_shapes"])
+        cache = f", cache {structure['cache_size']} rows" if structure.get("cache_size") else ""
+        return f"TT ranks {structure['tt_ranks']}, {shapes}{cache}"
     parts = [f"rank {structure['rank']}"]
     if "factor_shapes" in structure:
         parts.append(" ⊗ ".join(f"{a}x{b}" for a, b in structure["factor_shapes"]))

@@ -6,6 +6,7 @@ from .kpd_patterns import KPDPatternFactorization
 from .kronecker import KPDFactorization, KroneckerSum
 from .low_rank import LowRankFactorization
 from .shapes import balanced_factor_shapes, max_kronecker_rank
+from .tensor_train import TensorTrainFactorization, tt_shapes
 from .word2ket import Word2KetFactorization
 
 
@@ -23,3 +24,4 @@ __all__ = [
     "mixed_radix_digits",
     "register_factorization",
 ]
+__all__ += ["TensorTrainFactorization", "tt_shapes"]

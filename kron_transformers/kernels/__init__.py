@@ -6,7 +6,9 @@ touching the factorizations or modules. Only the PyTorch reference path exists
 today; it runs on every device.
 """
 
+from .tensor_train import tt_gather_rows, tt_materialize
 from .torch_ops import kron_gather_rows, kron_materialize, kron_matmul, kron_vectors_tree, mixed_radix_digits
 
 
 __all__ = ["kron_gather_rows", "kron_materialize", "kron_matmul", "kron_vectors_tree", "mixed_radix_digits"]
+__all__ += ["tt_gather_rows", "tt_materialize"]

@@ -17,6 +17,7 @@ from .linear import (
     KronLinear,
     LowRankLinear,
 )
+from .tensor_train import TTEmbedding, TTEmbeddingBag
 
 
 COMPRESSED_MODULES = (FactorizedLinear, FactorizedEmbedding, TiedFactorizedHead, BlockSparseLinear)
@@ -37,3 +38,4 @@ __all__ = [
     "TiedFactorizedHead",
     "Word2KetEmbedding",
 ]
+__all__ += ["TTEmbedding", "TTEmbeddingBag"]

@@ -1,0 +1,74 @@
+"""Pure-PyTorch reference ops for tensor-train (TT-matrix) tables (seed 004, section 3.1, eq. 1-3).
+
+A ``(rows, cols)`` table is held as ``d`` cores, ``cores[k]`` of shape ``(R_{k-1}, m_k, n_k, R_k)``
+with ``R_0 = R_d = 1``. Row ``i = (i_1..i_d)`` (mixed radix over ``m_1..m_d``, ``i_1`` most
+significant) and column ``j = (j_1..j_d)`` (over ``n_1..n_d``, ``j_1`` most significant) hold
+
+    W[i, j] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]
+
+(a ``1 x 1`` product of ``R_{k-1} x R_k`` matrices), on the padded ``prod m x prod n`` grid
+cropped to ``(rows, cols)`` (REFERENCES.md section 0 and 5). These are the op boundaries a fused
+kernel replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .torch_ops import mixed_radix_digits
+
+
+def _check_cores(cores: Sequence[torch.Tensor], owner: str) -> None:
+    if len(cores) < 2:
+        raise ValueError(f"{owner}: need at least 2 TT cores, got {len(cores)}")
+    for k, core in enumerate(cores):
+        if core.dim() != 4:
+            raise ValueError(f"{owner}: core {k} must be 4-D (R_prev, m, n, R_next), got shape {tuple(core.shape)}")
+    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise ValueError(f"{owner}: the first core's R_0 and the last core's R_d must be 1")
+    for k in range(1, len(cores)):
+        if cores[k].shape[0] != cores[k - 1].shape[3]:
+            raise ValueError(
+                f"{owner}: core {k - 1} ends with rank {cores[k - 1].shape[3]} but core {k} starts with rank "
+                f"{cores[k].shape[0]}"
+            )
+
+
+def tt_gather_rows(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
+    """Rows ``W[ids]`` of a TT-matrix, ``(*ids.shape, cols)``, without forming ``W`` (seed 004, Algorithm 1).
+
+    The ids are deduplicated (``torch.unique``) so each distinct row is built once; for each the
+    row is the chain ``T_1 = G_1[:, i_1]`` (``n_1 x R_1``), ``T_k = reshape(T_{k-1}, (N_{k-1}, R_{k-1}))
+    G_k[:, i_k]`` (``N_{k-1} x n_k R_k``), one batched matmul per core. Cost per distinct id
+    ``sum_k N_{k-1} R_{k-1} n_k R_k``; the gradient scatters into the core slices each id used.
+    """
+    _check_cores(cores, "tt_gather_rows")
+    unique_ids, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    radices = tuple(core.shape[1] for core in cores)
+    digits = mixed_radix_digits(unique_ids, radices)
+    count = unique_ids.numel()
+    # (count, R_0 * n_1 * R_1) -> (count, n_1, R_1): the row slices of the first core, R_0 = 1.
+    state = cores[0].permute(1, 0, 2, 3)[digits[0]].reshape(count, -1, cores[0].shape[3])
+    for core, digit in zip(cores[1:], digits[1:]):
+        rank_in, _, width, rank_out = core.shape
+        slices = core.permute(1, 0, 2, 3)[digit].reshape(count, rank_in, width * rank_out)
+        state = torch.bmm(state, slices).reshape(count, -1, rank_out)
+    rows = state.reshape(count, -1)[:, :cols]
+    return rows[inverse].reshape(*ids.shape, cols)
+
+
+def tt_materialize(cores: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """The dense table ``W`` (seed 004, eq. 2), cropped to ``(rows, cols)``.
+
+    Contracts the cores left to right keeping the row and column digits apart:
+    ``S_k[(i_1..i_k), (j_1..j_k), r_k] = sum_r S_{k-1}[..., r] G_k[r, i_k, j_k, r_k]``.
+    """
+    _check_cores(cores, "tt_materialize")
+    state = cores[0].reshape(cores[0].shape[1], cores[0].shape[2], cores[0].shape[3])  # (M, N, R)
+    for core in cores[1:]:
+        height, width = state.shape[0], state.shape[1]
+        _, m, n, rank_out = core.shape
+        state = torch.einsum("abr,rmns->ambns", state, core).reshape(height * m, width * n, rank_out)
+    return state[:rows, :cols, 0]
