@@ -98,7 +98,7 @@ def report(model: nn.Module) -> CompressionReport:
     """
     config = applied_config(model)
     result = CompressionReport()
-    result.total_after = sum(p.numel() for p in model.parameters())
+    result.total_after = sum(p.numel() for p in model.parameters() if p.is_floating_point())  # not TT cache ids
     if config is None:
         result.total_before = result.total_after
         return result

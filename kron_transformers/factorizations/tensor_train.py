@@ -136,7 +136,7 @@ class TensorTrainFactorization(Factorization):
     """TT-matrix table (seed 004, eq. 2), cores ``cores[k]: (R_{k-1}, m_k, n_k, R_k)``, with an optional LFU cache.
 
     The cache (seed 004, section 4.2) holds ``cache_size`` uncompressed, trainable rows
-    (``cache_weight``, a Parameter) for the ids in the sorted buffer ``cache_ids`` (``-1`` = empty
+    (``cache_weight``, a Parameter) for the ids in the sorted integer ``cache_ids`` (``-1`` = empty
     slot). Those rows replace the TT rows in ``gather_rows`` and ``materialize`` (gradients reach
     the cache rows only); the rest come from the cores. ``record_lookups`` counts ids while training;
     ``on_train_step`` fills the cache with the most frequent ids after ``cache_warmup_steps`` steps
@@ -184,13 +184,26 @@ class TensorTrainFactorization(Factorization):
         )
         if cache_size:
             self.cache_weight = nn.Parameter(torch.zeros(cache_size, cols))
-            self.register_buffer("cache_ids", torch.full((cache_size,), -1, dtype=torch.long))
+            # An integer Parameter that never requires grad, not a buffer: a tied output head shares this
+            # module, and transformers ties (and saves once) shared Parameters only.
+            self.cache_ids = nn.Parameter(torch.full((cache_size,), -1, dtype=torch.long), requires_grad=False)
         # Lookup counts of the current window (not saved: a resumed run re-counts) and (hits, lookups).
         self._frequency: torch.Tensor | None = None
         self._hit_counts: torch.Tensor | None = None
         self._last_population: int | None = None
         self.last_write_back: tuple[float, float] | None = None
         self.reset_random(self.default_std())
+
+    def num_parameters(self) -> int:
+        """Trainable numbers stored: the cores and the cache rows (not the integer ``cache_ids``)."""
+        return sum(p.numel() for p in self.parameters() if p.is_floating_point())
+
+    def requires_grad_(self, requires_grad: bool = True) -> TensorTrainFactorization:
+        """As ``nn.Module.requires_grad_``, leaving the integer ``cache_ids`` alone."""
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                parameter.requires_grad_(requires_grad)
+        return self
 
     @property
     def num_cores(self) -> int:
@@ -208,8 +221,10 @@ class TensorTrainFactorization(Factorization):
         table = tt_materialize(list(self.cores), self.rows, self.cols)
         if not self.cache_size:
             return table
-        filled = self.cache_ids >= 0
-        return table.index_copy(0, self.cache_ids[filled], self.cache_weight[filled].to(table.dtype))
+        # Empty slots (id -1) write into one extra row that is cropped off: no data-dependent shapes (meta-safe).
+        targets = torch.where(self.cache_ids >= 0, self.cache_ids, self.rows)
+        extended = torch.cat([table, table.new_zeros(1, self.cols)])
+        return extended.index_copy(0, targets, self.cache_weight.to(table.dtype))[: self.rows]
 
     def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``W[ids]``: cached ids read ``cache_weight``, the others the TT chain (``tt_gather_rows``)."""
@@ -306,8 +321,9 @@ class TensorTrainFactorization(Factorization):
     def _cache_slots(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot of each id in the sorted ``cache_ids`` and whether it is cached."""
         ids = ids.long()
-        slots = torch.searchsorted(self.cache_ids, ids).clamp_max(self.cache_size - 1)
-        return slots, self.cache_ids[slots] == ids
+        cache_ids = self.cache_ids.detach()
+        slots = torch.searchsorted(cache_ids, ids).clamp_max(self.cache_size - 1)
+        return slots, cache_ids[slots] == ids
 
     @torch.no_grad()
     def record_lookups(self, ids: torch.Tensor, ignore_id: int | None = None) -> None:

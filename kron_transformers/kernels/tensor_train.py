@@ -49,13 +49,15 @@ def tt_gather_rows(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) 
     radices = tuple(core.shape[1] for core in cores)
     digits = mixed_radix_digits(unique_ids, radices)
     count = unique_ids.numel()
-    # (count, R_0 * n_1 * R_1) -> (count, n_1, R_1): the row slices of the first core, R_0 = 1.
-    state = cores[0].permute(1, 0, 2, 3)[digits[0]].reshape(count, -1, cores[0].shape[3])
+    # (count, n_1, R_1): the row slices of the first core (R_0 = 1); then N_k = n_1 ... n_k columns so far.
+    columns = cores[0].shape[2]
+    state = cores[0].permute(1, 0, 2, 3)[digits[0]].reshape(count, columns, cores[0].shape[3])
     for core, digit in zip(cores[1:], digits[1:]):
         rank_in, _, width, rank_out = core.shape
         slices = core.permute(1, 0, 2, 3)[digit].reshape(count, rank_in, width * rank_out)
-        state = torch.bmm(state, slices).reshape(count, -1, rank_out)
-    rows = state.reshape(count, -1)[:, :cols]
+        columns *= width
+        state = torch.bmm(state, slices).reshape(count, columns, rank_out)
+    rows = state.reshape(count, columns)[:, :cols]
     return rows[inverse].reshape(*ids.shape, cols)
 
 
