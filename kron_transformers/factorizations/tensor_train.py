@@ -425,11 +425,13 @@ class TensorTrainFactorization(Factorization):
         The reference discards trained cache rows on eviction (seed 004, section 4.2). Here
         ``cache_write_back_steps`` iterations of L-BFGS (strong Wolfe line search) minimize
         ``||W[ids] - rows||^2 / ||rows||^2 + ||W[anchors] - W_old[anchors]||^2 / ||W_old[anchors]||^2``
-        over all cores: the second term keeps the rows the cores still serve from drifting.
+        over all cores (in at least float32): the second term keeps the rows the cores still serve from drifting.
+        The optimizer's state for the cores is kept as is.
         """
         before = self._row_error(ids, rows)
         with torch.enable_grad():
-            variables = [core.detach().clone().requires_grad_(True) for core in self.cores]
+            dtype = torch.promote_types(self.cores[0].dtype, torch.float32)  # L-BFGS in at least float32
+            variables = [core.detach().to(dtype, copy=True).requires_grad_(True) for core in self.cores]
             target = rows.detach().to(variables[0].dtype)
             anchors = tt_gather_rows(anchor_ids, variables, self.cols).detach()
             target_norm = target.pow(2).sum().clamp_min(1e-30)
