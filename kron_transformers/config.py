@@ -579,6 +579,15 @@ class TensorTrain(MethodSpec):
             raise ValueError(f"TensorTrain: num_cores must be an int >= 2, got {self.num_cores!r}")
         if isinstance(self.tt_ranks, (list, tuple)):
             self.tt_ranks = list(self.tt_ranks)
+            if len(self.tt_ranks) != self.num_cores - 1:
+                raise ValueError(
+                    f"TensorTrain: {len(self.tt_ranks)} tt_ranks given for num_cores={self.num_cores}; give one int "
+                    f"or {self.num_cores - 1} (one per inner bond)"
+                )
+        if self.tt_ranks is not None:
+            ranks = self.tt_ranks if isinstance(self.tt_ranks, list) else [self.tt_ranks]
+            if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+                raise ValueError(f"TensorTrain: tt_ranks must be a positive int or a list of them: {self.tt_ranks!r}")
         if self.tt_shapes is not None:
             self.tt_shapes = [list(shape) for shape in self.tt_shapes]
             if len(self.tt_shapes) != self.num_cores:

@@ -362,6 +362,8 @@ def test_spec_defaults_compression_and_serialization():
         ({"rank": 4}, "set tt_ranks="),
         ({"tt_ranks": 4, "compression": 10}, "not both"),
         ({"num_cores": 1}, "num_cores"),
+        ({"tt_ranks": 0}, "positive int"),
+        ({"tt_ranks": [4, 4, 4]}, "3 tt_ranks given for num_cores=3"),
         ({"init": "svd"}, "init must be one of"),
         ({"tt_shapes": [[10, 2]]}, "1 tt_shapes given"),
     ):
