@@ -191,7 +191,6 @@ class TensorTrainFactorization(Factorization):
         self._frequency: torch.Tensor | None = None
         self._hit_counts: torch.Tensor | None = None
         self._last_population: int | None = None
-        self.last_write_back: tuple[float, float] | None = None
         self.reset_random(self.default_std())
 
     def num_parameters(self) -> int:
@@ -383,7 +382,10 @@ class TensorTrainFactorization(Factorization):
         old_filled = (old_ids >= 0).nonzero().squeeze(1)
         evicted = old_filled[~torch.isin(old_ids[old_filled], chosen)]
         if len(evicted) and self.cache_write_back_steps:
-            self.write_back(old_ids[evicted], self.cache_weight[evicted].detach(), self._anchor_ids(chosen, old_ids))
+            before, after = self.write_back(
+                old_ids[evicted], self.cache_weight[evicted].detach(), self._anchor_ids(chosen, old_ids)
+            )
+            logger.info("TensorTrain cache: evicted rows written back, relative error %.4f -> %.4f", before, after)
         new_ids = torch.cat([chosen.new_full((self.cache_size - count,), -1), chosen])
         new_slots = torch.arange(self.cache_size - count, self.cache_size, device=new_ids.device)
         old_slots, kept = self._cache_slots(chosen)
@@ -453,7 +455,6 @@ class TensorTrainFactorization(Factorization):
             for core, variable in zip(self.cores, variables):
                 core.copy_(variable)
         after = self._row_error(ids, rows)
-        self.last_write_back = (before, after)
         return before, after
 
     @torch.no_grad()
