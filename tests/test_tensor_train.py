@@ -397,7 +397,11 @@ def test_compress_model_trains_with_the_cache_and_round_trips_through_save_pretr
     assert "TensorTrain" in table and "cache 10 rows" in table
     model.save_pretrained(tmp_path)
     loaded = ARCHITECTURES[architecture][0].from_pretrained(tmp_path).eval()
-    assert torch.equal(loaded.get_input_embeddings().factorization.cache_ids, embedding.factorization.cache_ids)
+    loaded_cache_ids = loaded.get_input_embeddings().factorization.cache_ids
+    assert torch.equal(loaded_cache_ids, embedding.factorization.cache_ids)
+    assert isinstance(loaded_cache_ids, kt.factorizations.tensor_train.IndexParameter)
+    loaded.requires_grad_(True)  # skips the integer cache ids instead of raising
+    assert not loaded_cache_ids.requires_grad and embedding.factorization.cores[0].requires_grad
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
     kt.decompress_model(loaded)

@@ -131,6 +131,21 @@ def _tail_second_moment(threshold: float) -> float:
     return 1.0 + threshold * math.exp(-0.5 * threshold**2) / math.sqrt(2.0 * math.pi) / tail
 
 
+class IndexParameter(nn.Parameter):
+    """An integer Parameter (the cache's row ids): never requires grad, and ``requires_grad_`` leaves it alone.
+
+    A Parameter rather than a buffer because a tied output head shares the factorization, and
+    transformers declares (and saves once) shared Parameters only; ``model.requires_grad_(True)``
+    must then skip it, as autograd refuses integer tensors.
+    """
+
+    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = False) -> IndexParameter:
+        return super().__new__(cls, data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> IndexParameter:
+        return self
+
+
 @register_factorization
 class TensorTrainFactorization(Factorization):
     """TT-matrix table (seed 004, eq. 2), cores ``cores[k]: (R_{k-1}, m_k, n_k, R_k)``, with an optional LFU cache.
@@ -184,9 +199,7 @@ class TensorTrainFactorization(Factorization):
         )
         if cache_size:
             self.cache_weight = nn.Parameter(torch.zeros(cache_size, cols))
-            # An integer Parameter that never requires grad, not a buffer: a tied output head shares this
-            # module, and transformers ties (and saves once) shared Parameters only.
-            self.cache_ids = nn.Parameter(torch.full((cache_size,), -1, dtype=torch.long), requires_grad=False)
+            self.cache_ids = IndexParameter(torch.full((cache_size,), -1, dtype=torch.long))
         # Lookup counts of the current window (not saved: a resumed run re-counts) and (hits, lookups).
         self._frequency: torch.Tensor | None = None
         self._hit_counts: torch.Tensor | None = None
@@ -197,12 +210,11 @@ class TensorTrainFactorization(Factorization):
         """Trainable numbers stored: the cores and the cache rows (not the integer ``cache_ids``)."""
         return sum(p.numel() for p in self.parameters() if p.is_floating_point())
 
-    def requires_grad_(self, requires_grad: bool = True) -> TensorTrainFactorization:
-        """As ``nn.Module.requires_grad_``, leaving the integer ``cache_ids`` alone."""
-        for parameter in self.parameters():
-            if parameter.is_floating_point():
-                parameter.requires_grad_(requires_grad)
-        return self
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """Keep ``cache_ids`` an ``IndexParameter`` when a loader assigns a plain Parameter (transformers does)."""
+        if name == "cache_ids" and param is not None and not isinstance(param, IndexParameter):
+            param = IndexParameter(param.data)
+        super().register_parameter(name, param)
 
     @property
     def num_cores(self) -> int:

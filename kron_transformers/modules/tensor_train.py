@@ -161,7 +161,7 @@ class TTEmbedding(FactorizedEmbedding):
         module = cls(*embeddings.shape, tt_ranks=tt_ranks, **kwargs).to(embeddings.device, embeddings.dtype)
         error = module.factorization.fit(embeddings.detach())
         logger.info("TTEmbedding.from_pretrained: TT-SVD relative error %.4f", error)
-        module.factorization.requires_grad_(not freeze)  # skips the integer cache ids
+        module.requires_grad_(not freeze)
         return module
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
