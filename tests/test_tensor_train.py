@@ -152,12 +152,20 @@ def entry_statistics(table):
     return float(values.mean() / std), float(std), float(((values - values.mean()) ** 4).mean() / std**4)
 
 
-def test_sampled_gaussian_init_gives_entries_close_to_normal_with_variance_one_over_3n():
+@pytest.mark.parametrize("num_cores", [2, 3, 4])
+def test_sampled_gaussian_init_gives_entries_close_to_normal_with_variance_one_over_3n(num_cores):
     torch.manual_seed(0)
     rows = 8000
-    relative_mean, std, _ = entry_statistics(kt.TTEmbedding(rows, 64, tt_ranks=8).materialize())
+    table = kt.TTEmbedding(rows, 64, num_cores=num_cores, tt_ranks=8).materialize()
+    relative_mean, std, kurtosis = entry_statistics(table)
     assert abs(relative_mean) < 0.02
     assert std == pytest.approx(math.sqrt(1 / (3 * rows)), rel=0.1)
+    assert 2.0 < kurtosis < 4.5
+
+
+def test_tail_sampling_makes_a_product_of_cores_gaussian_like():
+    torch.manual_seed(0)
+    rows = 8000
     # Seed 004, Algorithm 3: without the tail sampling a product of 3 normal cores has kurtosis 3^3 = 27.
     _, _, sampled_kurtosis = entry_statistics(kt.TTEmbedding(rows, 64, tt_ranks=1).materialize())
     _, _, normal_kurtosis = entry_statistics(kt.TTEmbedding(rows, 64, tt_ranks=1, init="glorot").materialize())
@@ -197,6 +205,7 @@ def test_embedding_two_dimensional_input_padding_and_gradients():
     output = embedding(ids)
     assert output.shape == (2, 4, 6)
     torch.testing.assert_close(output, table[ids], rtol=0, atol=1e-12)
+    assert torch.equal(embedding(ids.int()), output)
     assert embedding.num_parameters() == tt_num_parameters(embedding.factorization.tt_shapes, [3, 3])
     cotangent = torch.randn_like(output)
     cores = list(embedding.factorization.cores)
