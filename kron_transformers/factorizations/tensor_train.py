@@ -1,6 +1,6 @@
 """TT-Rec: an embedding table as a tensor train of small cores, plus an LFU cache of hot rows (seed 004).
 
-``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` (seed 004, section 3.1,
+``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` (seed 004, section 2,
 eq. 2) with ``G_k`` of shape ``(R_{k-1}, m_k, n_k, R_k)``, ``R_0 = R_d = 1``, ``prod m_k >= rows``
 (the vocabulary side is padded, padded rows are never read) and ``prod n_k >= cols`` (automatic
 shapes factor the embedding side exactly). ``sum_k R_{k-1} m_k n_k R_k`` parameters.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference ops for tensor-train (TT-matrix) tables (seed 004, section 3.1, eq. 1-3).
+"""Pure-PyTorch reference ops for tensor-train (TT-matrix) tables (seed 004, section 2 eq. 2, section 3.1 eq. 3).
 
 A ``(rows, cols)`` table is held as ``d`` cores, ``cores[k]`` of shape ``(R_{k-1}, m_k, n_k, R_k)``
 with ``R_0 = R_d = 1``. Row ``i = (i_1..i_d)`` (mixed radix over ``m_1..m_d``, ``i_1`` most
@@ -37,7 +37,7 @@ def _check_cores(cores: Sequence[torch.Tensor], owner: str) -> None:
 
 
 def tt_gather_rows(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
-    """Rows ``W[ids]`` of a TT-matrix, ``(*ids.shape, cols)``, without forming ``W`` (seed 004, Algorithm 1).
+    """Rows ``W[ids]`` of a TT-matrix, ``(*ids.shape, cols)``, without forming ``W`` (seed 004, eq. 3, Algorithm 1).
 
     The ids are deduplicated (``torch.unique``) so each distinct row is built once; for each the
     row is the chain ``T_1 = G_1[:, i_1]`` (``n_1 x R_1``), ``T_k = reshape(T_{k-1}, (N_{k-1}, R_{k-1}))
