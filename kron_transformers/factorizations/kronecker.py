@@ -40,7 +40,8 @@ def factored_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int) -> 
 
 def dense_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int, rows: int, cols: int) -> int:
     """Multiply-adds of materialize-then-matmul: building ``W`` (one GEMM over the rank) plus the product."""
-    padded = math.prod(a for a, _ in factor_shapes) * math.prod(b for _, b in factor_shapes)
+    # lists, not generators: torch.compile traces math.prod of a list without a graph break
+    padded = math.prod([a for a, _ in factor_shapes]) * math.prod([b for _, b in factor_shapes])
     return rank * padded + INTERMEDIATE_ELEMENT_COST * padded + batch * rows * cols
 
 
