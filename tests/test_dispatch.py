@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kron_transformers.kernels as kernels
-from kron_transformers import KPDLinear, KronLinear
+from kron_transformers import KPDLinear, KronEmbedding, KronLinear, TiedFactorizedHead
 from kron_transformers.factorizations.kronecker import factored_is_cheaper
 from kron_transformers.kernels import dispatch, torch_ops
 
@@ -124,6 +124,23 @@ def test_layers_go_through_the_fused_kernels_when_forced(backend, triton_calls):
         for fused, reference in zip(results["triton"], results["torch"]):
             torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
     assert triton_calls == ["triton_kron_linear:kron_matmul", "triton_kron_linear:kpd_matmul"]
+
+
+def test_tied_head_logits_go_through_the_fused_kernel(backend, triton_calls):
+    """Kernel 3: logits ``h E^T`` from an order-2 Kronecker table by the same fused op, table never formed."""
+    torch.manual_seed(0)
+    embedding = KronEmbedding(99, 12, rank=2, factor_shapes=[(11, 3), (9, 4)], padding_idx=1)
+    head = TiedFactorizedHead(embedding)
+    hidden = torch.randn(2, 3, 12, requires_grad=True)
+    assert factored_is_cheaper(hidden, list(embedding.factorization.factors), 99, 12)
+    backend("triton")
+    logits = head(hidden)
+    expected = hidden.double() @ embedding.materialize().double().T
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits[..., 1], torch.zeros(2, 3))
+    grad = torch.autograd.grad(logits.sum(), hidden)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), hidden)[0], rtol=1e-5, atol=1e-5)
+    assert triton_calls == ["triton_kron_linear:kron_matmul"]
 
 
 def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):
