@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kron_transformers.kernels as kernels
-from kron_transformers import KPDLinear, KronEmbedding, KronLinear, TiedFactorizedHead
+from kron_transformers import BlockSparseLinear, KPDLinear, KronEmbedding, KronLinear, TiedFactorizedHead
 from kron_transformers.factorizations.kronecker import factored_is_cheaper
 from kron_transformers.kernels import dispatch, torch_ops
 
@@ -141,6 +141,25 @@ def test_tied_head_logits_go_through_the_fused_kernel(backend, triton_calls):
     grad = torch.autograd.grad(logits.sum(), hidden)[0]
     torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), hidden)[0], rtol=1e-5, atol=1e-5)
     assert triton_calls == ["triton_kron_linear:kron_matmul"]
+
+
+def test_block_sparse_linear_uses_the_kernel_for_inference_only(backend, triton_calls):
+    """Kernel 5: ``BlockSparseLinear`` skips zero blocks by the Triton kernel; with a gradient it falls back."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 8) * torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]).repeat_interleave(
+        2, 0
+    ).repeat_interleave(4, 1)
+    module = BlockSparseLinear.from_dense(weight, (2, 4), torch.randn(6))
+    x = torch.randn(3, 8, requires_grad=True)
+    expected = x @ weight.T + module.bias
+    backend("triton")
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    assert triton_calls == ["triton_block_sparse:block_sparse_matmul"]
+    with pytest.warns(UserWarning, match="block_sparse_matmul: .* does not cover"):
+        output = module(x)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    assert len(triton_calls) == 1
 
 
 def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):

@@ -31,6 +31,7 @@ from .dispatch import triton_interpreted
 
 
 REGISTER_TILE_ELEMENTS = 8192  # fp32 values per register tile (T, X and the accumulator)
+NUM_WARPS = 8  # 256 threads: 32 registers per thread per full tile
 MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16 on tensor cores
 
 
@@ -219,8 +220,8 @@ def _padded(size: int, cap: int | None = None) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 products in IEEE fp32 unless PyTorch itself allows TF32 for matmuls."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 products in IEEE fp32 unless PyTorch itself allows TF32 for matmuls (the setting is moot for halves)."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def _block_rows(contracted: int, tile: int, n_rows: int, block_n: int | None) -> int:
@@ -258,7 +259,7 @@ def _launch_forward(
     block_a1 = _padded(a1, 64)
     block_a2 = _padded(a2, 32)
     block_k = _padded(b2, 32)
-    rows = _block_rows(b1_padded, max(block_a2, block_k), n_rows, block_n)
+    rows = _block_rows(max(b1_padded, block_a1), max(block_a2, block_k), n_rows, block_n)
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(a1, block_a1), triton.cdiv(a2, block_a2))
     s = scale if scale is not None else a
     s_strides = (scale.stride(0), scale.stride(1)) if scale is not None else (0, 0)
@@ -267,7 +268,7 @@ def _launch_forward(
         n_rows, in_features, out_features, a.shape[0], a1, b1, a2, b2,
         x.stride(0), y.stride(0), *a.stride(), *b.stride(), *s_strides,
         HAS_SCALE=scale is not None, B1P=b1_padded, BLOCK_N=rows, BLOCK_A1=block_a1,
-        BLOCK_A2=block_a2, BLOCK_K=block_k, PRECISION=_precision(x.dtype),
+        BLOCK_A2=block_a2, BLOCK_K=block_k, PRECISION=_precision(x.dtype), num_warps=NUM_WARPS,
     )  # fmt: skip
     return y
 
@@ -294,7 +295,7 @@ def _launch_grad_factors(
     block_k = _padded(b2, 32)
     precision = _precision(x.dtype)
     if need_a:
-        rows = _block_rows(b1_padded, max(block_a2, block_k, block_a1), n_rows, block_n)
+        rows = _block_rows(max(b1_padded, block_a1), max(block_a2, block_k), n_rows, block_n)
         tiles_a1 = triton.cdiv(a1, block_a1)
         partials = _num_partials(triton.cdiv(n_rows, rows), rank * tiles_a1, x.device)
         partial = _new_buffer((partials, rank, a1, b1), torch.float32, x.device)
@@ -303,10 +304,11 @@ def _launch_grad_factors(
             n_rows, in_features, out_features, a1, b1, a2, b2, partials,
             x.stride(0), dy.stride(0), *b.stride(),
             B1P=b1_padded, BLOCK_N=rows, BLOCK_A1=block_a1, BLOCK_A2=block_a2, BLOCK_K=block_k, PRECISION=precision,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         grad_a = partial.sum(0)
     if need_b:
-        rows = _block_rows(b1_padded, max(block_a2, block_k), n_rows, block_n)
+        rows = _block_rows(max(b1_padded, block_a1), max(block_a2, block_k), n_rows, block_n)
         tiles_j2 = triton.cdiv(b2, block_k)
         tiles = triton.cdiv(a2, block_a2) * tiles_j2
         partials = _num_partials(triton.cdiv(n_rows, rows), rank * tiles, x.device)
@@ -318,7 +320,7 @@ def _launch_grad_factors(
             n_rows, in_features, out_features, a1, b1, a2, b2, partials, tiles_j2,
             x.stride(0), dy.stride(0), *a.stride(), *s_strides,
             HAS_SCALE=scale is not None, B1P=b1_padded, BLOCK_N=rows, BLOCK_A1=block_a1, BLOCK_A2=block_a2,
-            BLOCK_K=block_k, PRECISION=precision,
+            BLOCK_K=block_k, PRECISION=precision, num_warps=NUM_WARPS,
         )  # fmt: skip
         grad_b = partial.sum(0)
     return grad_a, grad_b
