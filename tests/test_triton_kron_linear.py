@@ -138,5 +138,7 @@ def test_bad_factors_and_inputs_are_rejected():
         kron_linear(torch.randn(1, 6), a, b[:1], 6)
     with pytest.raises(ValueError, match="at most b1 \\* b2 = 6"):
         kron_linear(torch.randn(1, 7), a, b, 6)
+    with pytest.raises(ValueError, match="out_features must be in \\[0, a1 \\* a2 = 6\\], got 7"):
+        kron_linear(torch.randn(1, 6), a, b, 7)
     with pytest.raises(ValueError, match="KPD scale S must have shape \\(3, 2\\)"):
         kron_linear(torch.randn(1, 6), a, b, 6, scale=torch.ones(2, 3))

@@ -344,6 +344,7 @@ class KronLinearFunction(torch.autograd.Function):
         return _launch_forward(x, a, b, scale, out_features, block_n)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, a, b, scale = ctx.saved_tensors
         dy = dy.contiguous()
@@ -366,7 +367,9 @@ class KronLinearFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_s, None, None
 
 
-def _check_factors(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None) -> None:
+def _check_factors(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None, out_features: int
+) -> None:
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]:
         raise ValueError(
             f"kron_linear: factors must be (r, a1, b1) and (r, a2, b2) with the same rank r, got "
@@ -376,6 +379,10 @@ def _check_factors(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: tor
         raise ValueError(
             f"kron_linear: input has {x.shape[-1]} features but the factors take at most "
             f"b1 * b2 = {a.shape[2] * b.shape[2]}"
+        )
+    if not 0 <= out_features <= a.shape[1] * b.shape[1]:
+        raise ValueError(
+            f"kron_linear: out_features must be in [0, a1 * a2 = {a.shape[1] * b.shape[1]}], got {out_features}"
         )
     if scale is not None and tuple(scale.shape) != tuple(a.shape[1:]):
         raise ValueError(f"kron_linear: KPD scale S must have shape {tuple(a.shape[1:])}, got {tuple(scale.shape)}")
@@ -394,7 +401,7 @@ def kron_linear(
     ``a: (r, a1, b1)``, ``b: (r, a2, b2)``, optional KPD ``scale: (a1, b1)``; ``block_n`` fixes the rows per
     program (tests use it to exercise several row tiles and partials at tiny sizes).
     """
-    _check_factors(x, a, b, scale)
+    _check_factors(x, a, b, scale, out_features)
     lead_shape = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     y = KronLinearFunction.apply(flat, a.contiguous(), b.contiguous(), scale, out_features, block_n)
