@@ -99,6 +99,16 @@ def test_forced_triton_on_uncovered_arguments_falls_back_with_one_warning(backen
     assert triton_calls == []
 
 
+def test_forced_triton_on_cpu_tensors_without_the_interpreter_falls_back(backend, triton_calls, monkeypatch):
+    backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, factors = kron_args(seed=4)
+    with pytest.warns(UserWarning, match="devices \\['cpu'\\]\\); using the PyTorch path"):
+        output = kernels.kron_matmul(x, factors, 6)
+    torch.testing.assert_close(output, torch_ops.kron_matmul(x, factors, 6))
+    assert triton_calls == []
+
+
 def test_forced_torch_never_runs_triton(backend, triton_calls):
     backend("torch")
     x, factors = kron_args(seed=3)
@@ -163,6 +173,7 @@ def test_block_sparse_linear_uses_the_kernel_for_inference_only(backend, triton_
 
 
 def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):
+    assert {"kron_matmul", "kpd_matmul", "kron_gather_rows", "block_sparse_matmul"} <= set(dispatch.KERNELS)
     monkeypatch.setattr(dispatch, "KERNELS", dict(dispatch.KERNELS))
     doubled = dispatch.register_kernel("double", lambda x: 2 * x, "triton_kron_linear:kron_matmul", lambda x: False)
     assert dispatch.KERNELS["double"].triton_impl == "triton_kron_linear:kron_matmul"
