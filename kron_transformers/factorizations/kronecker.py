@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import kron_gather_rows, kron_materialize, kron_matmul
+from ..kernels import kpd_matmul, kron_gather_rows, kron_materialize, kron_matmul
 from .base import Factorization, register_factorization
 from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
 from .shapes import FactorShapes, validate_factor_shapes
@@ -40,7 +40,8 @@ def factored_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int) -> 
 
 def dense_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int, rows: int, cols: int) -> int:
     """Multiply-adds of materialize-then-matmul: building ``W`` (one GEMM over the rank) plus the product."""
-    padded = math.prod(a for a, _ in factor_shapes) * math.prod(b for _, b in factor_shapes)
+    # lists, not generators: torch.compile traces math.prod of a list without a graph break
+    padded = math.prod([a for a, _ in factor_shapes]) * math.prod([b for _, b in factor_shapes])
     return rank * padded + INTERMEDIATE_ELEMENT_COST * padded + batch * rows * cols
 
 
@@ -50,12 +51,19 @@ def kronecker_sum_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], rows:
     The choice is a cost count on static shapes (multiply-adds plus intermediate traffic), so it
     is the same on every call with the same batch size (no data-dependent branch).
     """
+    if factored_is_cheaper(x, factors, rows, cols):
+        return kron_matmul(x, factors, rows)
+    return F.linear(x, kron_materialize(factors, rows, cols))
+
+
+def factored_is_cheaper(x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int) -> bool:
+    """Whether ``factored_matmul_cost <= dense_matmul_cost`` for this input's batch (static shapes only)."""
     factor_shapes = tuple((f.shape[1], f.shape[2]) for f in factors)
     rank = factors[0].shape[0]
     batch = x.numel() // max(cols, 1)
-    if factored_matmul_cost(factor_shapes, rank, batch) <= dense_matmul_cost(factor_shapes, rank, batch, rows, cols):
-        return kron_matmul(x, factors, rows)
-    return F.linear(x, kron_materialize(factors, rows, cols))
+    return factored_matmul_cost(factor_shapes, rank, batch) <= dense_matmul_cost(
+        factor_shapes, rank, batch, rows, cols
+    )
 
 
 @register_factorization
@@ -178,7 +186,10 @@ class KPDFactorization(Factorization):
         return kron_materialize(self.kronecker_factors(), self.rows, self.cols)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return kronecker_sum_matmul(x, self.kronecker_factors(), self.rows, self.cols)
+        """The factored path folds ``S`` into the product (``kpd_matmul``); otherwise materialize-then-matmul."""
+        if factored_is_cheaper(x, [self.a, self.b], self.rows, self.cols):
+            return kpd_matmul(x, self.s, self.a, self.b, self.rows)
+        return F.linear(x, self.materialize())
 
     def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return kron_gather_rows(ids, self.kronecker_factors(), self.cols)

@@ -142,3 +142,10 @@ def kron_gather_rows(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: i
     head = kron_vectors_tree(rows[:-1])
     gathered = (head.transpose(1, 2) @ rows[-1]).reshape(len(digits[0]), head.shape[-1] * rows[-1].shape[-1])
     return gathered[:, :cols].reshape(*ids.shape, cols)
+
+
+def kpd_matmul(
+    x: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """``x (sum_i (S ⊙ A_i) ⊗ B_i)^T`` (seed 001, eq. 3): ``kron_matmul`` on the factors ``[S ⊙ A, B]``."""
+    return kron_matmul(x, [scale * a, b], out_features)

@@ -1,0 +1,141 @@
+"""One table of ops with a PyTorch reference and an optional fused Triton kernel each.
+
+``register_kernel`` returns the dispatched function the factorizations call. Per call the backend is:
+
+- ``KRON_TRANSFORMERS_BACKEND=torch``: always the PyTorch reference;
+- ``KRON_TRANSFORMERS_BACKEND=triton``: the Triton kernel (a clear error when Triton is not installed;
+  arguments the kernel does not cover fall back to PyTorch with a one-time warning);
+- ``auto`` (default): Triton when every tensor argument is on CUDA and Triton imports, PyTorch otherwise.
+
+Under ``torch.compile`` the PyTorch reference is traced (Inductor generates its own fused code), so the
+dispatcher never causes a graph break.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+BACKEND_ENV = "KRON_TRANSFORMERS_BACKEND"
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One op: its PyTorch reference, its Triton kernel (``"module:function"`` under ``kron_transformers.kernels``,
+    imported on first use) and the predicate saying which arguments the kernel supports."""
+
+    name: str
+    torch_impl: Callable[..., Any]
+    triton_impl: str | None
+    covers: Callable[..., bool]
+
+
+KERNELS: dict[str, KernelEntry] = {}
+_warned_fallbacks: set[str] = set()
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` succeeds (cached)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through the interpreter (used by the tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested_backend() -> str:
+    """The value of ``KRON_TRANSFORMERS_BACKEND`` (``auto`` when unset), validated."""
+    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _tensors(values: Any) -> list[torch.Tensor]:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(_tensors(value))
+    return found
+
+
+def selected_backend(*tensors: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for these tensor arguments (nested lists allowed), per the environment variable."""
+    backend = requested_backend()
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton but Triton is not installed; install it "
+                f"(pip install 'kron_transformers[triton]') or set {BACKEND_ENV}=auto"
+            )
+        return "triton"
+    found = _tensors(tensors)
+    on_cuda = bool(found) and all(t.is_cuda for t in found)
+    return "triton" if on_cuda and triton_available() else "torch"
+
+
+@functools.cache
+def _load(triton_impl: str) -> Callable[..., Any]:
+    module_name, function_name = triton_impl.split(":")
+    return getattr(importlib.import_module(f"kron_transformers.kernels.{module_name}"), function_name)
+
+
+def _runnable_on_device(tensors: list[torch.Tensor]) -> bool:
+    return all(t.is_cuda for t in tensors) or triton_interpreted()
+
+
+def register_kernel(
+    name: str,
+    torch_impl: Callable[..., Any],
+    triton_impl: str | None = None,
+    covers: Callable[..., bool] | None = None,
+) -> Callable[..., Any]:
+    """Add op ``name`` to ``KERNELS`` and return its dispatched function (same signature as ``torch_impl``).
+
+    ``triton_impl`` is ``"module:function"`` in ``kron_transformers.kernels`` (imported lazily, so Triton is
+    only needed when it runs); ``covers(*args, **kwargs)`` says whether the kernel supports those arguments
+    (default: all). Registering a name again replaces the entry.
+    """
+    entry = KernelEntry(name, torch_impl, triton_impl, covers if covers is not None else (lambda *a, **k: True))
+    KERNELS[name] = entry
+
+    @functools.wraps(torch_impl)
+    def dispatched(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() or entry.triton_impl is None:
+            return entry.torch_impl(*args, **kwargs)
+        tensors = _tensors((*args, *kwargs.values()))
+        if selected_backend(*tensors) == "torch":
+            return entry.torch_impl(*args, **kwargs)
+        if _runnable_on_device(tensors) and entry.covers(*args, **kwargs):
+            return _load(entry.triton_impl)(*args, **kwargs)
+        if requested_backend() == "triton" and name not in _warned_fallbacks:
+            _warned_fallbacks.add(name)
+            warnings.warn(
+                f"{name}: {BACKEND_ENV}=triton but the Triton kernel does not cover these arguments "
+                f"(shapes {[tuple(t.shape) for t in tensors]}, dtypes {sorted({str(t.dtype) for t in tensors})}, "
+                f"devices {sorted({str(t.device) for t in tensors})}); using the PyTorch path",
+                stacklevel=2,
+            )
+        return entry.torch_impl(*args, **kwargs)
+
+    dispatched.kernel_entry = entry
+    return dispatched

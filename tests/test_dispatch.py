@@ -1,0 +1,199 @@
+"""Backend selection (``KRON_TRANSFORMERS_BACKEND``), fallbacks and ``torch.compile`` on the dispatched ops."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import kron_transformers.kernels as kernels
+from kron_transformers import BlockSparseLinear, KPDLinear, KronEmbedding, KronLinear, TiedFactorizedHead
+from kron_transformers.factorizations.kronecker import factored_is_cheaper
+from kron_transformers.kernels import dispatch, torch_ops
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    def set_backend(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+        else:
+            monkeypatch.setenv(dispatch.BACKEND_ENV, value)
+
+    monkeypatch.setattr(dispatch, "_warned_fallbacks", set())
+    return set_backend
+
+
+@pytest.fixture
+def triton_calls(monkeypatch):
+    """Names of the Triton implementations run (each call recorded), with the real kernel still running."""
+    pytest.importorskip("triton")
+    calls = []
+    loader = dispatch._load
+
+    def recording_load(triton_impl):
+        function = loader(triton_impl)
+
+        def recorded(*args, **kwargs):
+            calls.append(triton_impl)
+            return function(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(dispatch, "_load", recording_load)
+    return calls
+
+
+def kron_args(seed=0, order=2, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 2), (2, 3)] if order == 2 else [(2, 2), (2, 1), (1, 3)]
+    factors = [torch.randn(2, a, b, generator=generator, dtype=dtype) for a, b in shapes]
+    cols = 6
+    return torch.randn(4, cols, generator=generator, dtype=dtype), factors
+
+
+def test_auto_picks_torch_for_cpu_tensors(backend):
+    backend(None)
+    assert dispatch.selected_backend(torch.zeros(2), [torch.zeros(1)]) == "torch"
+
+
+def test_env_forces_each_backend_and_rejects_unknown_values(backend):
+    backend("torch")
+    assert dispatch.selected_backend(torch.zeros(2)) == "torch"
+    backend("TRITON")
+    if dispatch.triton_available():
+        assert dispatch.selected_backend(torch.zeros(2)) == "triton"
+    backend("cuda")
+    with pytest.raises(ValueError, match="KRON_TRANSFORMERS_BACKEND must be one of"):
+        dispatch.selected_backend(torch.zeros(2))
+
+
+def test_forced_triton_without_triton_is_a_clear_error(backend, monkeypatch):
+    backend("triton")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    x, factors = kron_args()
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        kernels.kron_matmul(x, factors, 6)
+
+
+def test_forced_triton_runs_the_kernel_and_matches_torch(backend, triton_calls):
+    x, factors = kron_args(seed=1)
+    backend("torch")
+    expected = kernels.kron_matmul(x, factors, 5)
+    assert triton_calls == []
+    backend("triton")
+    torch.testing.assert_close(kernels.kron_matmul(x, factors, 5), expected, rtol=1e-5, atol=1e-5)
+    assert triton_calls == ["triton_kron_linear:kron_matmul"]
+
+
+def test_forced_triton_on_uncovered_arguments_falls_back_with_one_warning(backend, triton_calls):
+    backend("triton")
+    x, factors = kron_args(seed=2, order=3)  # order 3: the fused kernel is order 2 only
+    with pytest.warns(UserWarning, match="kron_matmul: .* does not cover these arguments"):
+        output = kernels.kron_matmul(x, factors, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.kron_matmul(x, factors, 4)  # warned once only
+    torch.testing.assert_close(output, torch_ops.kron_matmul(x, factors, 4))
+    assert triton_calls == []
+
+
+def test_forced_triton_on_cpu_tensors_without_the_interpreter_falls_back(backend, triton_calls, monkeypatch):
+    backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, factors = kron_args(seed=4)
+    with pytest.warns(UserWarning, match="devices \\['cpu'\\]\\); using the PyTorch path"):
+        output = kernels.kron_matmul(x, factors, 6)
+    torch.testing.assert_close(output, torch_ops.kron_matmul(x, factors, 6))
+    assert triton_calls == []
+
+
+def test_forced_torch_never_runs_triton(backend, triton_calls):
+    backend("torch")
+    x, factors = kron_args(seed=3)
+    kernels.kron_matmul(x, factors, 6)
+    assert triton_calls == []
+
+
+def test_layers_go_through_the_fused_kernels_when_forced(backend, triton_calls):
+    """KronLinear (factored path), KPDLinear (S folded in) forward and backward equal the PyTorch path."""
+    torch.manual_seed(0)
+    layers = [KronLinear(12, 10, rank=2, factor_shapes=[(2, 3), (5, 4)]), KPDLinear(12, 10, rank=2, block_size=(5, 3))]
+    with torch.no_grad():
+        layers[1].factorization.s.normal_()
+    x = torch.randn(3, 12)
+    for layer in layers:
+        results = {}
+        for name in ("torch", "triton"):
+            backend(name)
+            layer.zero_grad()
+            output = layer(x)
+            output.square().sum().backward()
+            results[name] = [output] + [p.grad.clone() for p in layer.parameters()]
+        for fused, reference in zip(results["triton"], results["torch"]):
+            torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+    assert triton_calls == ["triton_kron_linear:kron_matmul", "triton_kron_linear:kpd_matmul"]
+
+
+def test_tied_head_logits_go_through_the_fused_kernel(backend, triton_calls):
+    """Kernel 3: logits ``h E^T`` from an order-2 Kronecker table by the same fused op, table never formed."""
+    torch.manual_seed(0)
+    embedding = KronEmbedding(99, 12, rank=2, factor_shapes=[(11, 3), (9, 4)], padding_idx=1)
+    head = TiedFactorizedHead(embedding)
+    hidden = torch.randn(2, 3, 12, requires_grad=True)
+    assert factored_is_cheaper(hidden, list(embedding.factorization.factors), 99, 12)
+    backend("triton")
+    logits = head(hidden)
+    expected = hidden.double() @ embedding.materialize().double().T
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits[..., 1], torch.zeros(2, 3))
+    grad = torch.autograd.grad(logits.sum(), hidden)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), hidden)[0], rtol=1e-5, atol=1e-5)
+    assert triton_calls == ["triton_kron_linear:kron_matmul"]
+
+
+def test_block_sparse_linear_uses_the_kernel_for_inference_only(backend, triton_calls):
+    """Kernel 5: ``BlockSparseLinear`` skips zero blocks by the Triton kernel; with a gradient it falls back."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 8) * torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]).repeat_interleave(
+        2, 0
+    ).repeat_interleave(4, 1)
+    module = BlockSparseLinear.from_dense(weight, (2, 4), torch.randn(6))
+    x = torch.randn(3, 8, requires_grad=True)
+    expected = x @ weight.T + module.bias
+    backend("triton")
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    assert triton_calls == ["triton_block_sparse:block_sparse_matmul"]
+    with pytest.warns(UserWarning, match="block_sparse_matmul: .* does not cover"):
+        output = module(x)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    assert len(triton_calls) == 1
+
+
+def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):
+    assert {"kron_matmul", "kpd_matmul", "kron_gather_rows", "block_sparse_matmul"} <= set(dispatch.KERNELS)
+    monkeypatch.setattr(dispatch, "KERNELS", dict(dispatch.KERNELS))
+    doubled = dispatch.register_kernel("double", lambda x: 2 * x, "triton_kron_linear:kron_matmul", lambda x: False)
+    assert dispatch.KERNELS["double"].triton_impl == "triton_kron_linear:kron_matmul"
+    backend(None)
+    torch.testing.assert_close(doubled(torch.ones(2)), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("env", [None, "triton"])
+def test_compile_fullgraph_has_no_graph_break(backend, env):
+    """Under ``torch.compile`` the PyTorch path is traced whatever the env var says (Inductor fuses it)."""
+    backend(env)
+    torch.manual_seed(0)
+    layer = KronLinear(64, 63, rank=2, factor_shapes=[(8, 8), (8, 8)])
+    x = torch.randn(3, 64)
+    assert factored_is_cheaper(x, list(layer.factorization.factors), 63, 64)  # the dispatched kron_matmul is traced
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x) if env is None else torch_ops_layer(layer, x))
+
+
+def torch_ops_layer(layer: KronLinear, x: torch.Tensor) -> torch.Tensor:
+    factorization = layer.factorization
+    return torch_ops.kron_matmul(x, list(factorization.factors), factorization.rows) + layer.bias
