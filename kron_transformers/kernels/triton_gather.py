@@ -45,6 +45,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ORDER = 8
 MAX_FACTOR_COLS = 1024
 _PERSISTENT_PROGRAMS = 1024
+# Register budget of one program: elements of its largest tile, and the widest rank block.
+_MAX_TILE_ELEMENTS = 4096
+_MAX_RANK_BLOCK = 32
 
 
 @triton.jit
@@ -200,8 +203,8 @@ def _blocks(factors: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
     rank = factors[0].shape[0]
     head_size = math.prod(f.shape[2] for f in factors[:-1])
     block_b = max(16, triton.next_power_of_2(factors[-1].shape[2]))
-    block_h = max(16, min(triton.next_power_of_2(head_size), 4096 // block_b))
-    block_r = max(16, min(triton.next_power_of_2(rank), 32))
+    block_h = max(16, min(triton.next_power_of_2(head_size), _MAX_TILE_ELEMENTS // block_b))
+    block_r = max(16, min(triton.next_power_of_2(rank), _MAX_RANK_BLOCK))
     block_bj = max(16, triton.next_power_of_2(max((f.shape[2] for f in factors[:-1]), default=1)))
     return head_size, block_h, block_r, block_b, block_bj
 
