@@ -45,9 +45,8 @@ MAX_RANK = 64
 MAX_CORE_COLS = 1024
 BAG_MODES = ("sum", "mean")
 _PERSISTENT_PROGRAMS = 1024
-# Register budget of one program: elements of its largest tile, and the widest rank block.
-_MAX_TILE_ELEMENTS = 4096
-_MAX_RANK_BLOCK = 32
+# Register budget of one program: elements of its largest tile.
+_MAX_TILE_ELEMENTS = 8192
 
 
 @triton.jit
@@ -283,7 +282,8 @@ def _blocks(cores: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
     head_size = math.prod(core.shape[2] for core in cores[:-1])
     block_r = max(16, triton.next_power_of_2(max(core.shape[3] for core in cores[:-1])))
     block_b = max(16, triton.next_power_of_2(cores[-1].shape[2]))
-    block_h = max(16, min(triton.next_power_of_2(head_size), 2 * _MAX_TILE_ELEMENTS // block_r**2, _MAX_TILE_ELEMENTS // block_b))
+    tile_budget = _MAX_TILE_ELEMENTS // max(block_r**2, block_b)
+    block_h = max(16, min(triton.next_power_of_2(head_size), tile_budget))
     block_n = max(16, triton.next_power_of_2(cores[0].shape[2]))
     return head_size, block_h, block_r, block_b, block_n
 
