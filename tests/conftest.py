@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # every Triton kernel runs interpreted on CPU CI
+
+import pytest  # noqa: E402 (after TRITON_INTERPRET is set, before anything can import triton)
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
