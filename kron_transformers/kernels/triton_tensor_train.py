@@ -399,13 +399,14 @@ class _TTGatherRows(torch.autograd.Function):
     def forward(ctx, ids: torch.Tensor, cols: int, *cores: torch.Tensor) -> torch.Tensor:
         flat_ids = ids.reshape(-1).contiguous()
         ctx.save_for_backward(flat_ids, *cores)
+        ctx.cols = cols
         return _forward(flat_ids, None, None, cores, cols, mean=False).reshape(*ids.shape, cols)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         flat_ids, *cores = ctx.saved_tensors
-        return (None, None, *_backward(flat_ids, grad_out.reshape(len(flat_ids), -1), cores))
+        return (None, None, *_backward(flat_ids, grad_out.reshape(len(flat_ids), ctx.cols), cores))
 
 
 class _TTEmbeddingBag(torch.autograd.Function):
