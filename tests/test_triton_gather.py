@@ -138,3 +138,47 @@ def test_covers_and_errors():
         assert not kron_gather_rows_covers(*arguments)
         with pytest.raises(ValueError, match="kron_gather_rows_triton"):
             kron_gather_rows_triton(*arguments)
+
+
+def test_kernels_compile_for_cuda():
+    """The interpreter never lowers the kernels: compile them for sm_90 (no GPU needed)."""
+    from cuda_compile import compile_for_cuda
+
+    scalars = dict(rank="i32", cols="i32", head_size="i32", last_width="i32")
+    blocks = dict(ORDER=2, BLOCK_H=64, BLOCK_R=32, BLOCK_B=32)
+    forward = dict(ids_ptr="*i64", factors_ptr="*bf16", meta_ptr="*i64", out_ptr="*bf16", **scalars)
+    backward = dict(
+        grad_ptr="*fp32",
+        slot_ids_ptr="*i64",
+        num_unique_ptr="*i64",
+        factors_ptr="*bf16",
+        meta_ptr="*i64",
+        contrib_ptr="*fp32",
+        contrib_width="i32",
+        head_blocks="i32",
+        **scalars,
+    )
+    segment_sum = dict(
+        src_ptr="*bf16",
+        src_row_stride="i64",
+        row_index_ptr="*i64",
+        scale_ptr="*fp32",
+        starts_ptr="*i64",
+        ends_ptr="*i64",
+        out_ptr="*fp32",
+        n_cols="i32",
+        splits="i32",
+    )
+    module = "kron_transformers.kernels.triton_gather"
+    compile_for_cuda(
+        [
+            (module, "_kron_gather_forward_kernel", forward, blocks),
+            (module, "_kron_gather_backward_kernel", backward, dict(blocks, BLOCK_BJ=16)),
+            (
+                "kron_transformers.kernels.triton_segment",
+                "_segment_sum_kernel",
+                segment_sum,
+                dict(HAS_SCALE=True, BLOCK_P=16, BLOCK_C=128),
+            ),
+        ]
+    )

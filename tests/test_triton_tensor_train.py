@@ -220,3 +220,38 @@ def test_covers_and_errors():
         assert not tt_embedding_bag_covers(*arguments)
         with pytest.raises(ValueError, match="tt_embedding_bag_triton"):
             tt_embedding_bag_triton(*arguments)
+
+
+def test_kernels_compile_for_cuda():
+    """The interpreter never lowers the kernels: compile them for sm_90 (no GPU needed), three cores."""
+    from cuda_compile import compile_for_cuda
+
+    scalars = dict(cols="i32", head_size="i32", last_width="i32")
+    blocks = dict(ORDER=3, BLOCK_H=16, BLOCK_R=16, BLOCK_B=32)
+    forward = dict(
+        ids_ptr="*i64",
+        bounds_ptr="*i64",
+        weights_ptr="*bf16",
+        cores_ptr="*bf16",
+        meta_ptr="*i64",
+        out_ptr="*bf16",
+        **scalars,
+    )
+    backward = dict(
+        grad_ptr="*fp32",
+        slot_ids_ptr="*i64",
+        num_unique_ptr="*i64",
+        cores_ptr="*bf16",
+        meta_ptr="*i64",
+        contrib_ptr="*fp32",
+        contrib_width="i32",
+        head_blocks="i32",
+        **scalars,
+    )
+    module = "kron_transformers.kernels.triton_tensor_train"
+    compile_for_cuda(
+        [
+            (module, "_tt_forward_kernel", forward, dict(blocks, POOLED=True, HAS_WEIGHTS=True, MEAN=True)),
+            (module, "_tt_backward_kernel", backward, dict(blocks, BLOCK_N=16)),
+        ]
+    )

@@ -46,7 +46,7 @@ MAX_CORE_COLS = 1024
 BAG_MODES = ("sum", "mean")
 _PERSISTENT_PROGRAMS = 1024
 # Register budget of one program: elements of its largest tile.
-_MAX_TILE_ELEMENTS = 8192
+_MAX_TILE_ELEMENTS = 4096
 
 
 @triton.jit
