@@ -24,6 +24,9 @@ scatters into a few rows):
 3. these per-id rows are summed per factor row by a second segmented sum over the ids sorted
    by that factor's digit.
 
+Memory: the forward writes only its output. The backward's fp32 workspaces are ``(N, cols)``
+(gradient per unique id) and ``(N, head_blocks, r * sum_j b_j)`` (per-id factor-row gradients),
+sized by the number ``N`` of ids because the number of unique ids stays on the device (no host sync).
 Inputs may be fp32, fp16 or bf16; every product and sum accumulates in fp32.
 """
 
