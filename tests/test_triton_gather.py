@@ -145,7 +145,7 @@ def test_kernels_compile_for_cuda():
     from cuda_compile import compile_for_cuda
 
     scalars = dict(rank="i32", cols="i32", head_size="i32", last_width="i32")
-    blocks = dict(ORDER=2, BLOCK_H=64, BLOCK_R=32, BLOCK_B=32)
+    blocks = dict(ORDER=3, BLOCK_H=32, BLOCK_R=16, BLOCK_B=64)  # distinct sizes: shape mismatches fail
     forward = dict(ids_ptr="*i64", factors_ptr="*bf16", meta_ptr="*i64", out_ptr="*bf16", **scalars)
     backward = dict(
         grad_ptr="*fp32",
@@ -173,7 +173,7 @@ def test_kernels_compile_for_cuda():
     compile_for_cuda(
         [
             (module, "_kron_gather_forward_kernel", forward, blocks),
-            (module, "_kron_gather_backward_kernel", backward, dict(blocks, BLOCK_BJ=16)),
+            (module, "_kron_gather_backward_kernel", backward, dict(blocks, BLOCK_BJ=128)),
             (
                 "kron_transformers.kernels.triton_segment",
                 "_segment_sum_kernel",

@@ -26,6 +26,7 @@ SHAPES = {
     "d2_rank1": [(1, 5, 3, 1), (1, 4, 6, 1)],
     "d3": [(1, 2, 3, 3), (3, 3, 2, 5), (5, 2, 5, 1)],
     "d4": [(1, 2, 2, 2), (2, 2, 3, 3), (3, 2, 2, 2), (2, 3, 2, 1)],
+    "d3_rank20": [(1, 2, 3, 20), (20, 2, 2, 17), (17, 3, 2, 1)],  # rank block 32, eight warps
 }
 
 
@@ -227,7 +228,7 @@ def test_kernels_compile_for_cuda():
     from cuda_compile import compile_for_cuda
 
     scalars = dict(cols="i32", head_size="i32", last_width="i32")
-    blocks = dict(ORDER=3, BLOCK_H=16, BLOCK_R=16, BLOCK_B=32)
+    blocks = dict(ORDER=3, BLOCK_H=32, BLOCK_R=16, BLOCK_B=64)  # distinct sizes: shape mismatches fail
     forward = dict(
         ids_ptr="*i64",
         bounds_ptr="*i64",
@@ -252,6 +253,6 @@ def test_kernels_compile_for_cuda():
     compile_for_cuda(
         [
             (module, "_tt_forward_kernel", forward, dict(blocks, POOLED=True, HAS_WEIGHTS=True, MEAN=True)),
-            (module, "_tt_backward_kernel", backward, dict(blocks, BLOCK_N=16)),
+            (module, "_tt_backward_kernel", backward, dict(blocks, BLOCK_N=128)),
         ]
     )

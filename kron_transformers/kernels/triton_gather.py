@@ -156,8 +156,8 @@ def _kron_gather_backward_kernel(
             head = _head_product(row_id, heads, head_mask, ranks, rank_mask, factors_ptr, meta_ptr, ORDER, -1)
             last_grad = tl.dot(tl.trans(head), grad, input_precision="ieee")
             last_offset = tl.load(meta_ptr + (ORDER - 1) * 6 + 5)
-            pointers = base + last_offset + ranks[:, None] * last_width + last_cols[None, :]
-            tl.store(pointers, last_grad, mask=rank_mask[:, None] & (last_cols < last_width)[None, :])
+            last_pointers = base + last_offset + ranks[:, None] * last_width + last_cols[None, :]
+            tl.store(last_pointers, last_grad, mask=rank_mask[:, None] & (last_cols < last_width)[None, :])
             grad_through_last = tl.dot(grad, tl.trans(last), input_precision="ieee")
             for j in tl.static_range(ORDER - 1):
                 others = _head_product(row_id, heads, head_mask, ranks, rank_mask, factors_ptr, meta_ptr, ORDER, j)
@@ -165,8 +165,8 @@ def _kron_gather_backward_kernel(
                 col = (heads // tl.load(meta_ptr + j * 6 + 4)) % width
                 one_hot = tl.where(head_mask[:, None] & (col[:, None] == head_cols[None, :]), 1.0, 0.0)
                 factor_grad = tl.dot(tl.trans(grad_through_last * others), one_hot, input_precision="ieee")
-                pointers = base + tl.load(meta_ptr + j * 6 + 5) + ranks[:, None] * width + head_cols[None, :]
-                tl.store(pointers, factor_grad, mask=rank_mask[:, None] & (head_cols < width)[None, :])
+                factor_pointers = base + tl.load(meta_ptr + j * 6 + 5) + ranks[:, None] * width + head_cols[None, :]
+                tl.store(factor_pointers, factor_grad, mask=rank_mask[:, None] & (head_cols < width)[None, :])
 
 
 def _check(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: int) -> str | None:

@@ -46,7 +46,7 @@ from .triton_segment import reduce_by_digit, segment_sum, unique_slots
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CORES = 6
-MAX_RANK = 64
+MAX_RANK = 32  # the (BLOCK_H, R, R) register tiles of wider ranks would spill
 MAX_CORE_COLS = 1024
 BAG_MODES = ("sum", "mean")
 _PERSISTENT_PROGRAMS = 1024
@@ -174,8 +174,10 @@ def _tt_backward_kernel(
         state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1)
         last_grad = tl.dot(tl.trans(state), grad, input_precision="ieee")
         last_rank = tl.load(meta_ptr + (ORDER - 1) * 8 + 1)
-        pointers = base + tl.load(meta_ptr + (ORDER - 1) * 8 + 7) + ranks[:, None] * last_width + last_cols[None, :]
-        tl.store(pointers, last_grad, mask=(ranks < last_rank)[:, None] & (last_cols < last_width)[None, :])
+        last_pointers = (
+            base + tl.load(meta_ptr + (ORDER - 1) * 8 + 7) + ranks[:, None] * last_width + last_cols[None, :]
+        )
+        tl.store(last_pointers, last_grad, mask=(ranks < last_rank)[:, None] & (last_cols < last_width)[None, :])
         state_grad = tl.dot(grad, tl.trans(last), input_precision="ieee")
         for k in tl.static_range(ORDER - 1):
             core_grad = state_grad
@@ -190,16 +192,16 @@ def _tt_backward_kernel(
             if k == 0:
                 one_hot = tl.where(head_mask[:, None] & (col[:, None] == head_cols[None, :]), 1.0, 0.0)
                 first_grad = tl.dot(tl.trans(one_hot), core_grad, input_precision="ieee")
-                pointers = core_base + head_cols[:, None] * rank_out + ranks[None, :]
-                tl.store(pointers, first_grad, mask=(head_cols < width)[:, None] & (ranks < rank_out)[None, :])
+                first_pointers = core_base + head_cols[:, None] * rank_out + ranks[None, :]
+                tl.store(first_pointers, first_grad, mask=(head_cols < width)[:, None] & (ranks < rank_out)[None, :])
             else:
                 previous = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k)
                 store_mask = (ranks < rank_in)[:, None] & (ranks < rank_out)[None, :]
                 for j in range(width):
                     selected = tl.where(head_mask[:, None] & (col == j)[:, None], previous, 0.0)
                     slice_grad = tl.dot(tl.trans(selected), core_grad, input_precision="ieee")
-                    pointers = core_base + (ranks[:, None] * width + j) * rank_out + ranks[None, :]
-                    tl.store(pointers, slice_grad, mask=store_mask)
+                    slice_pointers = core_base + (ranks[:, None] * width + j) * rank_out + ranks[None, :]
+                    tl.store(slice_pointers, slice_grad, mask=store_mask)
 
 
 def _check(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> str | None:
@@ -260,7 +262,7 @@ def _check_bag(
 def tt_gather_rows_covers(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> bool:
     """Whether :func:`tt_gather_rows_triton` takes these arguments.
 
-    Integer ids; 2..6 cores ``(R_{k-1}, m_k, n_k, R_k)`` with ``R_0 = R_d = 1``, ranks <= 64,
+    Integer ids; 2..6 cores ``(R_{k-1}, m_k, n_k, R_k)`` with ``R_0 = R_d = 1``, ranks <= 32,
     ``n_k <= 1024``, one dtype among fp32/fp16/bf16, on the ids' device; ``0 < cols <= prod n_k``.
     """
     return _check(ids, cores, cols) is None
@@ -291,6 +293,14 @@ def _blocks(cores: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
     block_h = max(16, min(triton.next_power_of_2(head_size), tile_budget))
     block_n = max(16, triton.next_power_of_2(cores[0].shape[2]))
     return head_size, block_h, block_r, block_b, block_n
+
+
+def _num_warps(block_r: int) -> int:
+    """Warps per program: eight share the ``(BLOCK_H, R, R)`` tiles at rank 32, four below.
+
+    At rank 32 on sm_90 ptxas spills 0-24 bytes per thread with eight warps, up to 864 with four.
+    """
+    return 8 if block_r >= 32 else 4
 
 
 def _metadata(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -347,6 +357,7 @@ def _forward(
         BLOCK_H=block_h,
         BLOCK_R=block_r,
         BLOCK_B=block_b,
+        num_warps=_num_warps(block_r),
     )
     return out
 
@@ -387,6 +398,7 @@ def _backward(
         BLOCK_R=block_r,
         BLOCK_B=block_b,
         BLOCK_N=block_n,
+        num_warps=_num_warps(block_r),
     )
     contrib = contrib[:, 0] if head_blocks == 1 else contrib.sum(1)
     digits = mixed_radix_digits(slots.slot_ids, tuple(core.shape[1] for core in cores))
