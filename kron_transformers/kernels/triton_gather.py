@@ -32,6 +32,7 @@ Inputs may be fp32, fp16 or bf16; every product and sum accumulates in fp32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -214,15 +215,19 @@ def _blocks(factors: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
 
 def _metadata(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per factor: offset in the packed buffer, rows, cols, id stride, head column stride, gradient offset."""
-    rows, widths = [f.shape[1] for f in factors], [f.shape[2] for f in factors]
+    return _metadata_table(tuple(tuple(f.shape) for f in factors), factors[0].device)
+
+
+@functools.lru_cache(maxsize=64)
+def _metadata_table(shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
+    """Built once per factor shapes and device: no host-to-device copy per call."""
+    rows, widths = [shape[1] for shape in shapes], [shape[2] for shape in shapes]
     table, offset, contrib_offset = [], 0, 0
-    for j, factor in enumerate(factors):
-        id_stride = math.prod(rows[j + 1 :])
-        col_stride = math.prod(widths[j + 1 : -1])
-        table.append([offset, rows[j], widths[j], id_stride, col_stride, contrib_offset])
-        offset += factor.numel()
-        contrib_offset += factor.shape[0] * widths[j]
-    return torch.tensor(table, dtype=torch.int64, device=factors[0].device)
+    for j, (rank, _, width) in enumerate(shapes):
+        table.append([offset, rows[j], width, math.prod(rows[j + 1 :]), math.prod(widths[j + 1 : -1]), contrib_offset])
+        offset += rank * rows[j] * width
+        contrib_offset += rank * width
+    return torch.tensor(table, dtype=torch.int64, device=device)
 
 
 class _KronGatherRows(torch.autograd.Function):
@@ -256,23 +261,17 @@ class _KronGatherRows(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         flat_ids, *factors = ctx.saved_tensors
-        grads = kron_gather_rows_backward(flat_ids, grad_out.reshape(len(flat_ids), ctx.cols), factors)
+        grads = _backward(flat_ids, grad_out.reshape(len(flat_ids), ctx.cols), factors)
         return (None, None, *grads)
 
 
-def kron_gather_rows_backward(
-    ids: torch.Tensor, grad_rows: torch.Tensor, factors: Sequence[torch.Tensor], scale: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """Factor gradients of ``rows[t] = W[ids[t]]`` given ``grad_rows`` ``(len(ids), cols)``, dedup'd, atomic-free.
-
-    ``scale`` (per id occurrence) multiplies each occurrence's gradient row, for pooled callers.
-    """
+def _backward(ids: torch.Tensor, grad_rows: torch.Tensor, factors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Factor gradients of ``rows[t] = W[ids[t]]`` given ``grad_rows`` ``(len(ids), cols)``, dedup'd, atomic-free."""
     if len(ids) == 0:
         return [torch.zeros_like(f) for f in factors]
     rank, cols = factors[0].shape[0], grad_rows.shape[1]
     slots = unique_slots(ids)
-    order_scale = scale[slots.order] if scale is not None else None
-    slot_grads = segment_sum(grad_rows, slots.order, slots.starts, slots.ends, scale=order_scale)
+    slot_grads = segment_sum(grad_rows, slots.order, slots.starts, slots.ends)
     head_size, block_h, block_r, block_b, block_bj = _blocks(factors)
     head_blocks = triton.cdiv(head_size, block_h)
     contrib_width = sum(rank * f.shape[2] for f in factors)

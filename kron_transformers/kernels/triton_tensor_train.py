@@ -32,6 +32,7 @@ fp32/fp16/bf16 inputs, fp32 accumulation.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -305,25 +306,20 @@ def _num_warps(block_r: int) -> int:
 
 def _metadata(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per core: packed offset, R_prev, m, n, R_next, id stride, head column stride, gradient offset."""
-    rows, widths = [core.shape[1] for core in cores], [core.shape[2] for core in cores]
+    return _metadata_table(tuple(tuple(core.shape) for core in cores), cores[0].device)
+
+
+@functools.lru_cache(maxsize=64)
+def _metadata_table(shapes: tuple[tuple[int, int, int, int], ...], device: torch.device) -> torch.Tensor:
+    """Built once per core shapes and device: no host-to-device copy per call."""
+    rows, widths = [shape[1] for shape in shapes], [shape[2] for shape in shapes]
     table, offset, contrib_offset = [], 0, 0
-    for k, core in enumerate(cores):
-        rank_in, _, width, rank_out = core.shape
-        table.append(
-            [
-                offset,
-                rank_in,
-                rows[k],
-                width,
-                rank_out,
-                math.prod(rows[k + 1 :]),
-                math.prod(widths[k + 1 : -1]),
-                contrib_offset,
-            ]
-        )
-        offset += core.numel()
+    for k, (rank_in, _, width, rank_out) in enumerate(shapes):
+        id_stride, col_stride = math.prod(rows[k + 1 :]), math.prod(widths[k + 1 : -1])
+        table.append([offset, rank_in, rows[k], width, rank_out, id_stride, col_stride, contrib_offset])
+        offset += rank_in * rows[k] * width * rank_out
         contrib_offset += rank_in * width * rank_out
-    return torch.tensor(table, dtype=torch.int64, device=cores[0].device)
+    return torch.tensor(table, dtype=torch.int64, device=device)
 
 
 def _forward(
