@@ -120,7 +120,7 @@ class UniqueSlots:
 def unique_slots(ids: torch.Tensor) -> UniqueSlots:
     """Sort-based ``torch.unique(ids, return_inverse=True, return_counts=True)`` without a host sync."""
     count = len(ids)
-    sorted_ids, order = torch.sort(ids)
+    sorted_ids, order = torch.sort(ids, stable=True)  # stable: a fixed summation order, bitwise reproducible
     is_start = torch.ones_like(sorted_ids, dtype=torch.bool)
     is_start[1:] = sorted_ids[1:] != sorted_ids[:-1]
     slot = torch.cumsum(is_start, 0) - 1
@@ -140,7 +140,7 @@ def reduce_by_digit(contributions: torch.Tensor, digits: torch.Tensor, valid: to
     reduction still spreads over many programs.
     """
     keys = torch.where(valid, digits, rows)
-    sorted_keys, order = torch.sort(keys)
+    sorted_keys, order = torch.sort(keys, stable=True)
     bounds = torch.searchsorted(sorted_keys, torch.arange(rows + 1, device=keys.device, dtype=keys.dtype))
     splits = max(1, min(64, len(keys) // (16 * max(rows, 1))))
     return segment_sum(contributions, order, bounds[:-1], bounds[1:], splits=splits)
