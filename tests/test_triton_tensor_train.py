@@ -190,6 +190,16 @@ def test_bag_without_ids_gives_zero_bags():
     assert all(torch.equal(core.grad, torch.zeros_like(core)) for core in cores)
 
 
+def test_bag_without_bags():
+    cores = [core.requires_grad_() for core in random_cores(SHAPES["d2"])]
+    weights = torch.ones(3, requires_grad=True)
+    out = tt_embedding_bag_triton(torch.tensor([1, 4, 4]), torch.zeros(0, dtype=torch.long), weights, cores, 9, "sum")
+    assert out.shape == (0, 9)
+    out.sum().backward()
+    assert torch.equal(weights.grad, torch.zeros(3))
+    assert all(torch.equal(core.grad, torch.zeros_like(core)) for core in cores)
+
+
 def test_covers_and_errors():
     cores = random_cores(SHAPES["d3"])
     ids = torch.tensor([1, 2])

@@ -441,6 +441,9 @@ class _TTEmbeddingBag(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         ids, bounds, weights, *cores = ctx.saved_tensors
+        if len(bounds) == 1:  # no bags: the output does not depend on the inputs
+            weights_grad = torch.zeros_like(weights) if weights is not None else None
+            return (None, None, weights_grad, None, None, *(torch.zeros_like(core) for core in cores))
         positions = torch.arange(len(ids), device=ids.device, dtype=bounds.dtype)
         bag_of = torch.searchsorted(bounds, positions, right=True) - 1
         grad_out = grad_out.contiguous()
