@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import kron_transformers.kernels as kernels
-from kron_transformers import BlockSparseLinear, KPDLinear, KronEmbedding, KronLinear, TiedFactorizedHead
+from kron_transformers import (
+    BlockSparseLinear,
+    KPDLinear,
+    KronEmbedding,
+    KronLinear,
+    TiedFactorizedHead,
+    TTEmbedding,
+    TTEmbeddingBag,
+)
 from kron_transformers.factorizations.kronecker import factored_is_cheaper
 from kron_transformers.kernels import dispatch, torch_ops
 
@@ -153,6 +161,45 @@ def test_tied_head_logits_go_through_the_fused_kernel(backend, triton_calls):
     assert triton_calls == ["triton_kron_linear:kron_matmul"]
 
 
+def kernels_run(calls: list[str]) -> list[str]:
+    """The Triton kernels among the recorded loads (the lazily imported ``covers`` predicates left out)."""
+    return [name for name in calls if not name.endswith("_covers")]
+
+
+def forward_and_grads(module, backend, name, *inputs):
+    backend(name)
+    module.zero_grad()
+    output = module(*inputs)
+    (output * torch.linspace(-1, 1, output.shape[-1])).square().sum().backward()
+    return [output] + [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+def test_embeddings_go_through_the_fused_gather_kernels_when_forced(backend, triton_calls):
+    """Kernels 2 and 4: word2ketXS (order 3) and TT rows and TT bags, forward and gradients, equal the PyTorch path."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[3, 17, 3, 0], [59, 17, 8, 3]])
+    offsets = torch.tensor([0, 3, 3, 5])
+    weights = torch.rand(8)
+    cases = [
+        (KronEmbedding(60, 10, rank=3, factor_shapes=[(3, 2), (4, 3), (5, 2)]), (ids,)),
+        (TTEmbedding(60, 10, num_cores=3, tt_ranks=3, init="glorot"), (ids,)),
+        (TTEmbeddingBag(60, 10, tt_ranks=3, mode="sum", init="glorot"), (ids.reshape(-1), offsets, weights)),
+        (TTEmbeddingBag(60, 10, tt_ranks=3, mode="mean", init="glorot"), (ids,)),
+    ]
+    for module, inputs in cases:
+        fused = forward_and_grads(module, backend, "triton", *inputs)
+        reference = forward_and_grads(module, backend, "torch", *inputs)
+        assert len(fused) == len(reference) > 1
+        for fused_tensor, reference_tensor in zip(fused, reference):
+            torch.testing.assert_close(fused_tensor, reference_tensor, rtol=1e-4, atol=1e-5)
+    assert kernels_run(triton_calls) == [
+        "triton_gather:kron_gather_rows_triton",
+        "triton_tensor_train:tt_gather_rows_triton",
+        "triton_tensor_train:tt_embedding_bag_triton",
+        "triton_tensor_train:tt_embedding_bag_triton",
+    ]
+
+
 def test_block_sparse_linear_uses_the_kernel_for_inference_only(backend, triton_calls):
     """Kernel 5: ``BlockSparseLinear`` skips zero blocks by the Triton kernel; with a gradient it falls back."""
     torch.manual_seed(0)
@@ -173,7 +220,9 @@ def test_block_sparse_linear_uses_the_kernel_for_inference_only(backend, triton_
 
 
 def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):
-    assert {"kron_matmul", "kpd_matmul", "kron_gather_rows", "block_sparse_matmul"} <= set(dispatch.KERNELS)
+    ops = {"kron_matmul", "kpd_matmul", "kron_gather_rows", "block_sparse_matmul", "tt_gather_rows"}
+    ops.add("tt_embedding_bag")
+    assert ops <= set(dispatch.KERNELS)
     monkeypatch.setattr(dispatch, "KERNELS", dict(dispatch.KERNELS))
     doubled = dispatch.register_kernel("double", lambda x: 2 * x, "triton_kron_linear:kron_matmul", lambda x: False)
     assert dispatch.KERNELS["double"].triton_impl == "triton_kron_linear:kron_matmul"

@@ -8,7 +8,7 @@ picks one per call (``KRON_TRANSFORMERS_BACKEND=auto|torch|triton``).
 """
 
 from .dispatch import KERNELS, register_kernel, selected_backend
-from .ops import block_sparse_matmul, kpd_matmul, kron_gather_rows, kron_matmul, tt_gather_rows
+from .ops import block_sparse_matmul, kpd_matmul, kron_gather_rows, kron_matmul, tt_embedding_bag, tt_gather_rows
 from .tensor_train import tt_materialize
 from .torch_ops import kron_materialize, kron_vectors_tree, mixed_radix_digits
 
@@ -24,6 +24,7 @@ __all__ = [
     "mixed_radix_digits",
     "register_kernel",
     "selected_backend",
+    "tt_embedding_bag",
     "tt_gather_rows",
     "tt_materialize",
 ]

@@ -31,12 +31,17 @@ BACKENDS = ("auto", "torch", "triton")
 @dataclass(frozen=True)
 class KernelEntry:
     """One op: its PyTorch reference, its Triton kernel (``"module:function"`` under ``kron_transformers.kernels``,
-    imported on first use) and the predicate saying which arguments the kernel supports."""
+    imported on first use) and the predicate saying which arguments the kernel supports (a callable, or a
+    ``"module:function"`` beside a kernel that needs Triton to import)."""
 
     name: str
     torch_impl: Callable[..., Any]
     triton_impl: str | None
-    covers: Callable[..., bool]
+    covers: Callable[..., bool] | str
+
+    def kernel_covers(self, *args: Any, **kwargs: Any) -> bool:
+        covers = _load(self.covers) if isinstance(self.covers, str) else self.covers
+        return covers(*args, **kwargs)
 
 
 KERNELS: dict[str, KernelEntry] = {}
@@ -107,13 +112,14 @@ def register_kernel(
     name: str,
     torch_impl: Callable[..., Any],
     triton_impl: str | None = None,
-    covers: Callable[..., bool] | None = None,
+    covers: Callable[..., bool] | str | None = None,
 ) -> Callable[..., Any]:
     """Add op ``name`` to ``KERNELS`` and return its dispatched function (same signature as ``torch_impl``).
 
     ``triton_impl`` is ``"module:function"`` in ``kron_transformers.kernels`` (imported lazily, so Triton is
     only needed when it runs); ``covers(*args, **kwargs)`` says whether the kernel supports those arguments
-    (default: all). Registering a name again replaces the entry.
+    (default: all); like ``triton_impl`` it may be a lazily imported ``"module:function"``.
+    Registering a name again replaces the entry.
     """
     entry = KernelEntry(name, torch_impl, triton_impl, covers if covers is not None else (lambda *a, **k: True))
     KERNELS[name] = entry
@@ -125,7 +131,7 @@ def register_kernel(
         tensors = _tensors((*args, *kwargs.values()))
         if selected_backend(*tensors) == "torch":
             return entry.torch_impl(*args, **kwargs)
-        if _runnable_on_device(tensors) and entry.covers(*args, **kwargs):
+        if _runnable_on_device(tensors) and entry.kernel_covers(*args, **kwargs):
             return _load(entry.triton_impl)(*args, **kwargs)
         if requested_backend() == "triton" and name not in _warned_fallbacks:
             _warned_fallbacks.add(name)

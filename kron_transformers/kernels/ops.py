@@ -49,11 +49,27 @@ kron_matmul = register_kernel(
     "kron_matmul", torch_ops.kron_matmul, "triton_kron_linear:kron_matmul", covers_kron_matmul
 )
 kpd_matmul = register_kernel("kpd_matmul", torch_ops.kpd_matmul, "triton_kron_linear:kpd_matmul", covers_kpd_matmul)
-kron_gather_rows = register_kernel("kron_gather_rows", torch_ops.kron_gather_rows)
+kron_gather_rows = register_kernel(
+    "kron_gather_rows",
+    torch_ops.kron_gather_rows,
+    "triton_gather:kron_gather_rows_triton",
+    "triton_gather:kron_gather_rows_covers",
+)
 block_sparse_matmul = register_kernel(
     "block_sparse_matmul",
     block_sparse_ops.block_sparse_matmul,
     "triton_block_sparse:block_sparse_matmul",
     covers_block_sparse_matmul,
 )
-tt_gather_rows = register_kernel("tt_gather_rows", tensor_train.tt_gather_rows)
+tt_gather_rows = register_kernel(
+    "tt_gather_rows",
+    tensor_train.tt_gather_rows,
+    "triton_tensor_train:tt_gather_rows_triton",
+    "triton_tensor_train:tt_gather_rows_covers",
+)
+tt_embedding_bag = register_kernel(
+    "tt_embedding_bag",
+    tensor_train.tt_embedding_bag,
+    "triton_tensor_train:tt_embedding_bag_triton",
+    "triton_tensor_train:tt_embedding_bag_covers",
+)

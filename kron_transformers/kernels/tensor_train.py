@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .torch_ops import mixed_radix_digits
 
@@ -59,6 +60,23 @@ def tt_gather_rows(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) 
         state = torch.bmm(state, slices).reshape(count, columns, rank_out)
     rows = state.reshape(count, columns)[:, :cols]
     return rows[inverse].reshape(*ids.shape, cols)
+
+
+def tt_embedding_bag(
+    ids: torch.Tensor,
+    offsets: torch.Tensor | None,
+    per_sample_weights: torch.Tensor | None,
+    cores: Sequence[torch.Tensor],
+    cols: int,
+    mode: str,
+) -> torch.Tensor:
+    """Bags of TT rows pooled as ``nn.EmbeddingBag`` (``mode`` sum/mean, ``include_last_offset=False``): TT-Rec's
+    TT-EmbeddingBag (seed 004, section 4.1). The distinct ids are built once (``tt_gather_rows``), then pooled.
+    """
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    rows = tt_gather_rows(unique_ids, cores, cols)
+    offsets = offsets.to(inverse.dtype) if offsets is not None else None
+    return F.embedding_bag(inverse, rows, offsets, mode=mode, per_sample_weights=per_sample_weights)
 
 
 def tt_materialize(cores: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:

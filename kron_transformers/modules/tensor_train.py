@@ -23,7 +23,8 @@ from ..factorizations.tensor_train import (
     tt_num_parameters,
 )
 from ..factorizations.tensor_train import tt_shapes as automatic_tt_shapes
-from .bag import BAG_MODES, embedding_bag_lookup
+from ..kernels import tt_embedding_bag
+from .bag import BAG_MODES, check_bag_arguments, embedding_bag_lookup
 from .dense_view import dense_weight_property
 from .embedding import EMBEDDING_CLASSES, FactorizedEmbedding, zero_index
 
@@ -246,6 +247,10 @@ class TTEmbeddingBag(nn.Module):
         check_ids(type(self).__name__, input, self.num_embeddings)
         if self.training:
             self.factorization.record_lookups(input, self.padding_idx)
+        if self._fused_bag_applies(input):
+            check_bag_arguments(type(self).__name__, input, offsets, per_sample_weights, self.mode)
+            cores = list(self.factorization.cores)
+            return tt_embedding_bag(input, offsets, per_sample_weights, cores, self.embedding_dim, self.mode)
         return embedding_bag_lookup(
             self.factorization.gather_rows,
             self.embedding_dim,
@@ -257,6 +262,12 @@ class TTEmbeddingBag(nn.Module):
             include_last_offset=self.include_last_offset,
             module_name=type(self).__name__,
         )
+
+    def _fused_bag_applies(self, input: torch.Tensor) -> bool:
+        """Whether the bag is the plain TT-EmbeddingBag op (``kernels.tt_embedding_bag``, a fused kernel on CUDA):
+        no cache rows, no padding id, sum/mean pooling, ``include_last_offset=False``."""
+        plain = not self.factorization.cache_size and self.padding_idx is None and not self.include_last_offset
+        return plain and self.mode in ("sum", "mean") and input.dim() in (1, 2)
 
     def materialize(self) -> torch.Tensor:
         """Dense ``(num_embeddings, embedding_dim)`` table (padding row zero)."""
