@@ -7,7 +7,7 @@ print(kt.report(model))
 ```
 """
 
-from . import kpd, training
+from . import kpd, neukron, training
 from .calibration import CalibrationStats, calibrate
 from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
 from .distill import distill
@@ -71,4 +71,5 @@ __all__ = [
     "report",
     "training",
     "write_model_card",
+    "neukron",
 ]
