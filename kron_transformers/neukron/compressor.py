@@ -176,7 +176,7 @@ class NeuKron:
         *,
         lr: float = 0.1,
         reorder: bool = True,
-        gamma: float = 10.0,
+        gamma: float = math.inf,
         reorder_passes: int = 2,
         batch_size: int = 2**15,
         keep_best: bool = True,
