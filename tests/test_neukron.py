@@ -131,6 +131,17 @@ def test_planted_kronecker_is_fitted_to_near_zero_error_and_error_decreases(plan
     torch.testing.assert_close(compressor.reconstruct(), matrix, atol=0.05, rtol=0.05)
 
 
+def test_minibatch_steps_reach_a_lower_error_than_full_batch_steps_in_the_same_epochs(planted):
+    matrix, _ = planted
+    kwargs = dict(hidden_size=4, dtype="float64")
+    fit = dict(epochs=15, lr=0.05, reorder=False)
+    full = NeuKron(**kwargs).fit(matrix.to_sparse(), steps_per_epoch=1, **fit)
+    minibatch = NeuKron(**kwargs).fit(matrix.to_sparse(), steps_per_epoch=8, **fit)
+    assert minibatch.history[-1] < 0.1 * minibatch.history[0]
+    assert minibatch.approximation_error() < 0.5 * full.approximation_error()
+    assert minibatch.approximation_error() == pytest.approx(min(minibatch.history))
+
+
 def test_hill_climbing_reorder_recovers_scrambled_rows_with_exact_deltas(planted):
     matrix, fitted = planted
     compressor = NeuKron(hidden_size=8, dtype="float64")
