@@ -8,8 +8,8 @@ on the model (``network``, section 4.1) using the exact squared Frobenius error
 where ``<X, Y>`` needs the model only at the non-zeros of ``X`` and ``||Y||^2`` comes from the
 unit-norm levels in closed form (``DigitSequenceModel.squared_norm``), so the error is exact and costs
 ``O(nnz)`` model evaluations plus ``O(sum_d N_d)`` for a padded boundary (Theorem 6). As in the
-reference, a step that raises the error by more than 10% is undone and retried with a 10x smaller
-learning rate, and the best model/orders seen are kept.
+reference, a full-batch step that raises the error by more than 10% is undone and retried with a 10x
+smaller learning rate, and the best model/orders seen are kept.
 
 The output is the model (its size does not depend on the input's size, Theorem 8) plus the learned
 orders (one integer per row/column/mode index), both saved by ``save``.

@@ -68,21 +68,26 @@ class DigitSequenceModel(nn.Module):
         return factor / factor.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(factor.dtype).tiny)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Entries for ``tokens`` (``B x L``): ``c * prod_l F_l[t_l]``."""
-        heads = self.layout.level_heads
+        """Entries for ``tokens`` (``B x L``): ``c * prod_l F_l(t_{<l})[t_l]``.
+
+        The cell runs once per distinct prefix ``t_{<l}`` rather than once per entry and level: entries
+        sharing a prefix share its factor (many do near the root), which is the same result for less work.
+        """
+        heads, sizes = self.layout.level_heads, self.layout.head_sizes
         product = self.normalized_factor(self.start)[tokens[:, 0]]
-        if tokens.shape[1] > 1:
-            inputs = self.embedding(tokens[:, :-1] + self.input_offsets[:-1])
-            outputs, _ = self.cell(inputs)
-            level = 1
-            while level < tokens.shape[1]:
-                end = level
-                while end < tokens.shape[1] and heads[end] == heads[level]:
-                    end += 1
-                factors = self.normalized_factor(self.heads[heads[level]](outputs[:, level - 1 : end - 1]))
-                picked = torch.gather(factors, 2, tokens[:, level:end, None]).squeeze(2)
-                product = product * picked.prod(dim=1)
-                level = end
+        node, state = tokens[:, 0], None
+        for level in range(1, tokens.shape[1]):
+            size = sizes[heads[level - 1]]
+            key = node if level == 1 else node * size + tokens[:, level - 1]
+            prefixes, node = torch.unique(key, return_inverse=True)
+            if level == 1:
+                token = prefixes
+            else:
+                token = prefixes % size
+                state = _select_state(state, torch.div(prefixes, size, rounding_mode="floor"))
+            step, state = self.cell(self.embedding(token + self.input_offsets[level - 1])[:, None], state)
+            factors = self.normalized_factor(self.heads[heads[level]](step[:, 0]))
+            product = product * factors[node, tokens[:, level]]
         return self.log_scale.exp() * product
 
     def squared_norm(self) -> torch.Tensor:
