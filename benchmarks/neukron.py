@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=500, help="co-occurrence vocabulary (most frequent words)")
     parser.add_argument("--window", type=int, default=2, help="co-occurrence window in words")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4], help="SVD ranks (set the parameter budgets)")
-    parser.add_argument("--epochs", type=int, default=30, help="NeuKron epochs")
+    parser.add_argument("--epochs", type=int, default=60, help="NeuKron epochs")
     parser.add_argument("--steps-per-epoch", type=int, default=16, help="1 = the paper's full-batch step")
     parser.add_argument("--reorder-passes", type=int, default=1, help="swap passes per mode and epoch")
     parser.add_argument("--lr", type=float, default=0.03)
