@@ -84,6 +84,26 @@ def test_prefix_independent_factors_reproduce_torch_kron():
     torch.testing.assert_close(values, model.log_scale.exp() * expected)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_forward_matches_entry_by_entry_recurrence(cell):
+    """The prefix-sharing forward equals running the cell over each entry's own digit sequence."""
+    torch.manual_seed(3)
+    layout = KroneckerLayout((3, 20), (2, 3))
+    model = DigitSequenceModel(layout, hidden_size=4, cell=cell, signed=True).double()
+    tokens = layout.tokens(all_positions((3, 20)))
+    expected = []
+    with torch.no_grad():
+        for sequence in tokens:
+            value, state = model.normalized_factor(model.start)[sequence[0]], None
+            for level in range(1, layout.num_levels):
+                embedded = model.embedding(sequence[level - 1] + model.input_offsets[level - 1]).view(1, 1, -1)
+                output, state = model.cell(embedded, state)
+                head = model.heads[layout.level_heads[level]]
+                value = value * model.normalized_factor(head(output[0, 0]))[sequence[level]]
+            expected.append(value * model.log_scale.exp())
+        torch.testing.assert_close(model(tokens), torch.stack(expected))
+
+
 @pytest.mark.parametrize(
     "shape, seed_shape, cell, signed",
     [((5, 7), (2, 2), "lstm", False), ((3, 20), (2, 3), "gru", True), ((3, 5, 2), (2, 2, 2), "lstm", True)],
