@@ -7,7 +7,7 @@ print(kt.report(model))
 ```
 """
 
-from . import kpd, training
+from . import kpd, neukron, training
 from .calibration import CalibrationStats, calibrate
 from .config import (
     KPD,
@@ -84,5 +84,6 @@ __all__ = [
     "report",
     "training",
     "write_model_card",
+    "neukron",
 ]
 __all__ += ["TensorTrain", "TTEmbedding", "TTEmbeddingBag"]
