@@ -7,13 +7,15 @@ print(kt.report(model))
 ```
 """
 
-from . import kpd, training
+from . import cce, kpd, training
 from .calibration import CalibrationStats, calibrate
-from .config import KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
+from .config import CCE, KPD, PHM, KronConfig, Kronecker, LowRank, MethodSpec, Shapeshifter, Word2Ket, Word2KetXS
 from .distill import distill
 from .integration import KronHfQuantizer, from_pretrained, push_to_hub, render_model_card, write_model_card
 from .modules import (
     BlockSparseLinear,
+    CCEEmbedding,
+    CCEEmbeddingBag,
     FactorizedEmbedding,
     FactorizedLinear,
     KPDLinear,
@@ -71,4 +73,8 @@ __all__ = [
     "report",
     "training",
     "write_model_card",
+    "CCE",
+    "CCEEmbedding",
+    "CCEEmbeddingBag",
+    "cce",
 ]
