@@ -100,7 +100,7 @@ class ClusteringHook:
 
 
 def schedule_clustering(model: nn.Module, schedule: ClusterSchedule | None, **cluster_options) -> int:
-    """Attach ``schedule`` (and ``cluster`` keyword options) to every CCE module of ``model``; returns how many.
+    """Attach ``schedule`` (and ``cluster`` keyword options) to every CCE table of ``model``; returns how many.
 
     ``None`` removes the schedules. Raises when the model has no CCE module.
     """
@@ -114,11 +114,14 @@ def schedule_clustering(model: nn.Module, schedule: ClusterSchedule | None, **cl
         raise ValueError(
             f"schedule_clustering: {type(model).__name__} has no CCE module (CCEEmbedding/CCEEmbeddingBag)"
         )
-    for module in hooks:
-        module.cluster_schedule = schedule
+    scheduled: set[int] = set()
+    for module in hooks:  # embeddings sharing one table (T5's encoder/decoder) cluster it once
+        first = id(module.factorization) not in scheduled
+        scheduled.add(id(module.factorization))
+        module.cluster_schedule = schedule if first else None
         module.cluster_options = dict(cluster_options)
         module.last_clustered_step = None
-    return len(hooks)
+    return len(scheduled) if schedule is not None else 0
 
 
 class CCEClusteringCallback(KronTrainingCallback):

@@ -357,8 +357,14 @@ def test_compress_model_round_trip(arch, tmp_path):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape == dense_logits.shape
+    record = next(iter(kt.applied_config(model).modules.values()))
+    assert record["init"] == "svd" and 0 < record["init_error"] < 1  # k-means of the dense table
     text = str(kt.report(model))
     assert "CCE" in text and "4 columns, 12 rows" in text and "embedding compression (seed 002)" in text
+    assert cce.schedule_clustering(model, cce.ClusterSchedule(steps=[1]), niter=5) == 1  # T5: 3 modules, 1 table
+    assert len(kt.on_train_step(model, 1)) == 3  # h1, h2, kmeans_error of the one table
+    with torch.no_grad():
+        logits = model(**inputs).logits
     state = model.state_dict()
     pointer_keys = [key for key in state if key.endswith("pointers")]
     assert len(pointer_keys) == 2 and all(state[key].dtype == torch.int32 for key in pointer_keys)  # saved once
@@ -371,6 +377,10 @@ def test_compress_model_round_trip(arch, tmp_path):
     reloaded_state = reloaded.state_dict()
     assert reloaded_state.keys() == state.keys()
     assert all(torch.equal(reloaded_state[key], value) for key, value in state.items())
+    kt.decompress_model(reloaded)
+    assert isinstance(reloaded.get_input_embeddings(), nn.Embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, logits, rtol=1e-5, atol=1e-6)
 
 
 def test_spec_resolution():
