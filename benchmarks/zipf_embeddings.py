@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 
 import torch
@@ -36,7 +37,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import kron_transformers as kt
-from kron_transformers.factorizations.cce import universal_hash
+from kron_transformers.factorizations.cce import MERSENNE_PRIME
 
 
 try:
@@ -99,10 +100,11 @@ class HashedBag(nn.Module):
         super().__init__()
         self.bag = nn.EmbeddingBag(buckets, embedding_dim, mode="mean")
         self.num_embeddings, self.embedding_dim, self.buckets = num_embeddings, embedding_dim, buckets
-        self.a, self.b = (int(v) for v in universal_hash(2, 2**31 - 1, 1, seed).view(-1))
+        rng = random.Random(seed)
+        self.a, self.b = rng.randrange(1, MERSENNE_PRIME), rng.randrange(0, MERSENNE_PRIME)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.bag(((self.a * ids + self.b) % (2**31 - 1)) % self.buckets)
+        return self.bag(((self.a * ids + self.b) % MERSENNE_PRIME) % self.buckets)
 
     def num_parameters(self) -> int:
         return self.bag.weight.numel()

@@ -9,6 +9,7 @@ and ``M_j`` by the centroids, re-hashes ``h'_j`` and resets ``M'_j`` (Algorithm 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from typing import Any
@@ -57,7 +58,7 @@ def universal_hash(num_ids: int, buckets: int, num_functions: int, seed: int, de
     for _ in range(num_functions):
         a, b = rng.randrange(1, MERSENNE_PRIME), rng.randrange(0, MERSENNE_PRIME)
         columns.append(((a * ids + b) % MERSENNE_PRIME) % buckets)
-    return torch.stack(columns, dim=-1).to(torch.int32) if columns else ids.new_zeros(num_ids, 0, dtype=torch.int32)
+    return torch.stack(columns, dim=-1).to(torch.int32)
 
 
 @register_factorization
@@ -90,7 +91,7 @@ class CCEFactorization(Factorization):
 
     def column_slices(self) -> list[slice]:
         """The ``cols`` range of each block."""
-        bounds = [0, *torch.tensor(self.widths).cumsum(0).tolist()]
+        bounds = [0, *itertools.accumulate(self.widths)]
         return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def _entry_pointers(self, pointers: torch.Tensor) -> torch.Tensor:
