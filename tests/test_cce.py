@@ -345,7 +345,7 @@ def test_compression_factor_on_known_tables():
     assert factor.largest_table == pytest.approx(1000 / 50)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "t5"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "t5", "bart", "llama"])
 def test_compress_model_round_trip(arch, tmp_path):
     model = build_model(arch)
     dense_logits = model(**make_inputs(arch)).logits.detach()
