@@ -8,8 +8,9 @@ with Adam for the same steps on the same stream, then is scored on held-out samp
 
 - dense ``nn.EmbeddingBag`` at full size (the reference point, not at the budget),
 - the hashing trick (``nn.EmbeddingBag`` of ``budget / dim`` rows, universal hash of the id),
-- TT-Rec without and with its LFU cache (``TTEmbeddingBag``, rank chosen to fit the budget;
-  skipped with a note when ``kron_transformers.modules.tensor_train`` is not available),
+- TT-Rec without and with its LFU cache (``TTEmbeddingBag``, the largest rank that fits the budget;
+  the cache rows count against it and take a quarter of it; skipped with a note when
+  ``kron_transformers.modules.tensor_train`` is not available),
 - CCE with random pointers, and CCE clustered twice (at 25% and 50% of the steps, seed 002's
   "cluster early, then let the model rest").
 
@@ -133,7 +134,8 @@ def build_methods(args: argparse.Namespace) -> list[tuple[str, nn.Module, list[i
     if TTEmbeddingBag is None:
         print(f"note: TT-Rec rows skipped (kron_transformers.modules.tensor_train unavailable: {TT_IMPORT_ERROR})")
     else:
-        for name, fraction in (("TT-Rec", 0.0), ("TT-Rec + cache 0.1%", 0.001)):
+        cache_fraction = args.budget / (4 * rows * dim)  # the cache takes a quarter of the budget
+        for name, fraction in (("TT-Rec", 0.0), (f"TT-Rec + cache {100 * cache_fraction:.3g}%", cache_fraction)):
             module = tt_bag(rows, dim, budget, fraction)
             if module is None:
                 print(f"note: {name} skipped: even TT rank 1 exceeds the budget of {budget} parameters")
