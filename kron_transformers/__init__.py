@@ -7,9 +7,10 @@ print(kt.report(model))
 ```
 """
 
-from . import kpd, neukron, training
+from . import cce, kpd, neukron, training
 from .calibration import CalibrationStats, calibrate
 from .config import (
+    CCE,
     KPD,
     PHM,
     KronConfig,
@@ -25,6 +26,8 @@ from .distill import distill
 from .integration import KronHfQuantizer, from_pretrained, push_to_hub, render_model_card, write_model_card
 from .modules import (
     BlockSparseLinear,
+    CCEEmbedding,
+    CCEEmbeddingBag,
     FactorizedEmbedding,
     FactorizedLinear,
     KPDLinear,
@@ -85,5 +88,9 @@ __all__ = [
     "training",
     "write_model_card",
     "neukron",
+    "CCE",
+    "CCEEmbedding",
+    "CCEEmbeddingBag",
+    "cce",
 ]
 __all__ += ["TensorTrain", "TTEmbedding", "TTEmbeddingBag"]

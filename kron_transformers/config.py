@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .factorizations.cce import default_table_rows
 from .factorizations.shapes import (
     VOCAB_PADDING_TOLERANCE,
     FactorShapes,
@@ -401,6 +402,75 @@ class LowRank(MethodSpec):
         rank = self._rank_for_budget(lambda r: r * (rows + cols), max_rank, rows, cols, module_name)
         self._check_rank(rank, max_rank, rows, cols, "a plain low-rank factorization", module_name)
         return {"factorization": "low_rank", "rank": rank}
+
+
+@register_spec
+@dataclass
+class CCE(MethodSpec):
+    """Clustered Compositional Embeddings (seed 002, Algorithm 3): ``c`` column blocks, each
+    ``M_j[h_j(id)] + M'_j[h'_j(id)]`` with two ``table_rows``-row tables; ``2 * table_rows * dim``
+    parameters. Embeddings (and their tied output head) only. Give ``table_rows`` or a target
+    ``compression``; with neither, ``table_rows = ceil(sqrt(vocab))``. Re-cluster during training
+    with ``kt.cce.CCEClusteringCallback`` / ``kt.cce.cluster``.
+
+    ```py
+    kt.CCE()                                   # 4 columns, sqrt(vocab) rows
+    kt.CCE(num_columns=4, compression=100)
+    ```
+    """
+
+    targets: ClassVar[frozenset[str]] = frozenset({EMBEDDING})
+    paper: ClassVar[str] = "seed 002 (CCE), Algorithm 3"
+
+    rank: int | None = field(default=None, metadata={"help": "Not used by CCE; leave unset."})
+    num_columns: int = field(default=4, metadata={"help": "Column blocks c (hash functions); the paper uses 4."})
+    table_rows: int | None = field(default=None, metadata={"help": "Rows of each table M_j, M'_j."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initial universal-hash pointers."})
+
+    def __post_init__(self) -> None:
+        if self.rank is not None:
+            raise ValueError("CCE: there is no rank; set table_rows= or compression=")
+        if self.table_rows is not None and self.compression is not None:
+            raise ValueError("CCE: give table_rows= or compression=, not both")
+        if self.compression is not None and not (isinstance(self.compression, (int, float)) and self.compression > 1):
+            raise ValueError(f"CCE: compression must be a number > 1 (dense/compressed), got {self.compression!r}")
+        for name in ("num_columns", "table_rows"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"CCE: {name} must be a positive int, got {value!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"CCE: seed must be an int, got {self.seed!r}")
+
+    def resolve(self, rows: int, cols: int, target: str, module_name: str) -> dict[str, Any]:
+        self.check_target(target, module_name, rows, cols)
+        if self.num_columns > cols:
+            raise ValueError(
+                f"{module_name}: CCE num_columns={self.num_columns} exceeds the embedding dimension {cols}; "
+                f"use num_columns <= {cols}"
+            )
+        if self.table_rows is not None:
+            table_rows = self.table_rows
+        elif self.compression is not None:
+            table_rows = max(1, int(rows / (2 * self.compression)))
+        else:
+            table_rows = default_table_rows(rows)
+        if table_rows > rows:
+            raise ValueError(
+                f"{module_name}: CCE table_rows={table_rows} exceeds the {rows} rows of the {_describe(rows, cols)} "
+                f"table; use table_rows <= {rows}"
+            )
+        achieved = rows / (2 * table_rows)
+        if self.compression is not None and achieved < self.compression:
+            logger.warning(
+                "%s: CCE cannot reach compression %.1fx on a %s table; using 1 row (%.1fx)",
+                module_name,
+                self.compression,
+                _describe(rows, cols),
+                achieved,
+            )
+        else:
+            logger.info("%s: CCE picked table_rows=%d (%.1fx)", module_name, table_rows, achieved)
+        return {"factorization": "cce", "num_columns": self.num_columns, "table_rows": table_rows, "seed": self.seed}
 
 
 INITS = ("svd", "random", "calibrated")

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .cce import EmbeddingCompression, embedding_compression_factor
 from .modules import BlockSparseLinear, FactorizedEmbedding, FactorizedLinear
-from .surgery import KIND_TIED_HEAD, applied_config
+from .surgery import KIND_EMBEDDING, KIND_TIED_HEAD, applied_config
 
 
 @dataclass
@@ -37,6 +38,7 @@ class CompressionReport:
     tied: dict[str, str] = field(default_factory=dict)
     total_before: int = 0
     total_after: int = 0
+    embedding_compression: EmbeddingCompression | None = None
 
     @property
     def ratio(self) -> float:
@@ -65,11 +67,19 @@ class CompressionReport:
         lines.insert(1, "  ".join("-" * width for width in widths))
         for head, embedding in self.tied.items():
             lines.append(f"{head}: tied to {embedding} (shares its factors)")
+        if self.embedding_compression is not None:
+            factor = self.embedding_compression
+            lines.append(
+                f"embedding compression (seed 002): {factor.all_tables:.1f}x over all {factor.tables} tables, "
+                f"{factor.largest_table:.1f}x on the largest"
+            )
         lines.append(f"model parameters: {self.total_before:,} -> {self.total_after:,} ({self.ratio:.2f}x smaller)")
         return "\n".join(lines)
 
 
 def _describe_structure(structure: dict) -> str:
+    if structure.get("factorization") == "cce":
+        return f"{structure['num_columns']} columns, {structure['table_rows']} rows"
     if "nonzero_blocks" in structure:
         rows, cols = structure["block_size"]
         return f"block-sparse {rows}x{cols}, {structure['nonzero_blocks']} blocks"
@@ -129,4 +139,6 @@ def report(model: nn.Module) -> CompressionReport:
             )
         )
     result.total_before = result.total_after + saved
+    if any(entry["kind"] == KIND_EMBEDDING for entry in config.modules.values()):
+        result.embedding_compression = embedding_compression_factor(model)
     return result

@@ -2,6 +2,7 @@
 
 from ..kernels import mixed_radix_digits
 from .base import FACTORIZATIONS, Factorization, build_factorization, register_factorization
+from .cce import CCEFactorization
 from .kpd_patterns import KPDPatternFactorization
 from .kronecker import KPDFactorization, KroneckerSum
 from .low_rank import LowRankFactorization
@@ -12,6 +13,7 @@ from .word2ket import Word2KetFactorization
 
 __all__ = [
     "FACTORIZATIONS",
+    "CCEFactorization",
     "Factorization",
     "KPDFactorization",
     "KPDPatternFactorization",

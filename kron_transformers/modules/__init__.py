@@ -1,6 +1,7 @@
 """The ``nn.Module``s users see (DESIGN.md layer 3)."""
 
 from .block_sparse import BlockSparseLinear
+from .cce import CCEEmbedding, CCEEmbeddingBag
 from .embedding import (
     FactorizedEmbedding,
     KronEmbedding,
@@ -25,6 +26,8 @@ COMPRESSED_MODULES = (FactorizedLinear, FactorizedEmbedding, TiedFactorizedHead,
 __all__ = [
     "COMPRESSED_MODULES",
     "BlockSparseLinear",
+    "CCEEmbedding",
+    "CCEEmbeddingBag",
     "CONV1D_LAYOUT",
     "LINEAR_LAYOUT",
     "FactorizedEmbedding",

@@ -31,6 +31,30 @@ def zero_index(tensor: torch.Tensor, index: int | None, dim: int) -> torch.Tenso
     return tensor * keep
 
 
+def share_factorization_buffers(module: nn.Module) -> None:
+    """Save the factors' buffers (CCE's pointers) once: under the first embedding built on them.
+
+    Parameters shared by a tied head or by embeddings sharing one table (T5's encoder/decoder)
+    are deduplicated through transformers' tied keys, which only take parameters; a second
+    module over the same factorization leaves the buffers out of its ``state_dict`` and does not
+    expect them when loading.
+    """
+    if module.factorization.__dict__.setdefault("_buffers_saved_by", id(module)) != id(module):
+        module.register_state_dict_post_hook(_drop_factorization_buffers)
+        module.register_load_state_dict_pre_hook(_keep_factorization_buffers)
+
+
+def _drop_factorization_buffers(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name, _ in module.factorization.named_buffers():
+        state_dict.pop(f"{prefix}factorization.{name}", None)
+
+
+def _keep_factorization_buffers(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Loading: this module's copy of the shared buffers is the buffer itself (the owner loads it)."""
+    for name, buffer in module.factorization.named_buffers():
+        state_dict.setdefault(f"{prefix}factorization.{name}", buffer)
+
+
 class FactorizedEmbedding(nn.Module):
     """An embedding table ``E`` (``num_embeddings x embedding_dim``) held as a ``Factorization``.
 
@@ -55,6 +79,7 @@ class FactorizedEmbedding(nn.Module):
             padding_idx = padding_idx % self.num_embeddings
         self.padding_idx = padding_idx
         self.embed_scale = embed_scale
+        share_factorization_buffers(self)
 
     @classmethod
     def from_structure(
@@ -175,6 +200,7 @@ class TiedFactorizedHead(nn.Module):
         self.out_features = embedding.num_embeddings
         self.padding_idx = embedding.padding_idx
         self.register_parameter("bias", bias)
+        share_factorization_buffers(self)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = zero_index(self.factorization.matmul(hidden_states), self.padding_idx, -1)
