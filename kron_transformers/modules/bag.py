@@ -14,6 +14,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..factorizations import Factorization
+from .dense_view import dense_weight_property
+from .embedding import zero_index
 
 
 BAG_MODES = ("sum", "mean", "max")
@@ -84,3 +89,69 @@ def embedding_bag_lookup(
         include_last_offset=include_last_offset,
         padding_idx=local_padding_idx,
     )
+
+
+class FactorizedEmbeddingBag(nn.Module):
+    """Drop-in ``nn.EmbeddingBag`` over a factorized table (the bags of TT-Rec, CCE, ...).
+
+    ``forward(input, offsets=None, per_sample_weights=None)`` pools the rows of each bag with
+    ``nn.EmbeddingBag``'s rules (``mode`` sum/mean/max, ``padding_idx`` entries skipped,
+    ``include_last_offset``, 2-D input = one bag per row); the rows of the distinct ids of a batch
+    are built once by ``factorization.gather_rows`` (``embedding_bag_lookup``).
+    """
+
+    def __init__(
+        self,
+        factorization: Factorization,
+        *,
+        mode: str,
+        padding_idx: int | None,
+        include_last_offset: bool,
+    ) -> None:
+        super().__init__()
+        name, num_embeddings = type(self).__name__, factorization.rows
+        if mode not in BAG_MODES:
+            raise ValueError(f"{name}: mode {mode!r} is not one of {BAG_MODES}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(
+                    f"{name}: padding_idx {padding_idx} is outside the vocabulary of {num_embeddings} rows"
+                )
+            padding_idx %= num_embeddings
+        self.factorization = factorization
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = factorization.cols
+        self.mode = mode
+        self.padding_idx = padding_idx
+        self.include_last_offset = include_last_offset
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        per_sample_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return embedding_bag_lookup(
+            self.factorization.gather_rows,
+            self.embedding_dim,
+            input,
+            offsets,
+            per_sample_weights,
+            mode=self.mode,
+            padding_idx=self.padding_idx,
+            include_last_offset=self.include_last_offset,
+            module_name=type(self).__name__,
+        )
+
+    def materialize(self) -> torch.Tensor:
+        """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero."""
+        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
+
+    weight = dense_weight_property()
+
+    def num_parameters(self) -> int:
+        return self.factorization.num_parameters()
+
+    def extra_repr(self) -> str:
+        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{extra}"

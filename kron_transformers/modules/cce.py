@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
-from torch import nn
-
 from ..cce import ClusteringHook
 from ..factorizations.cce import CCEFactorization, default_table_rows
-from .bag import BAG_MODES, embedding_bag_lookup
-from .dense_view import dense_weight_property
-from .embedding import EMBEDDING_CLASSES, FactorizedEmbedding, zero_index
+from .bag import FactorizedEmbeddingBag
+from .embedding import EMBEDDING_CLASSES, FactorizedEmbedding
 
 
 logger = logging.getLogger(__name__)
@@ -64,7 +60,7 @@ class CCEEmbedding(ClusteringHook, FactorizedEmbedding):
 EMBEDDING_CLASSES[CCEFactorization] = CCEEmbedding
 
 
-class CCEEmbeddingBag(ClusteringHook, nn.Module):
+class CCEEmbeddingBag(ClusteringHook, FactorizedEmbeddingBag):
     """Drop-in ``nn.EmbeddingBag`` with a CCE table (seed 002).
 
     ``forward(input, offsets=None, per_sample_weights=None)`` pools the rows of each bag with
@@ -85,51 +81,5 @@ class CCEEmbeddingBag(ClusteringHook, nn.Module):
         include_last_offset: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if mode not in BAG_MODES:
-            raise ValueError(f"CCEEmbeddingBag: mode must be one of {BAG_MODES}, got {mode!r}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(
-                    f"CCEEmbeddingBag: padding_idx {padding_idx} is outside the vocabulary of {num_embeddings} rows"
-                )
-            padding_idx %= num_embeddings
-        self.factorization = _cce_table(
-            type(self).__name__, num_embeddings, embedding_dim, num_columns, table_rows, seed
-        )
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.mode = mode
-        self.padding_idx = padding_idx
-        self.include_last_offset = include_last_offset
-
-    def forward(
-        self,
-        input: torch.Tensor,
-        offsets: torch.Tensor | None = None,
-        per_sample_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return embedding_bag_lookup(
-            self.factorization.gather_rows,
-            self.embedding_dim,
-            input,
-            offsets,
-            per_sample_weights,
-            mode=self.mode,
-            padding_idx=self.padding_idx,
-            include_last_offset=self.include_last_offset,
-            module_name=type(self).__name__,
-        )
-
-    def materialize(self) -> torch.Tensor:
-        """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero."""
-        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
-
-    weight = dense_weight_property()
-
-    def num_parameters(self) -> int:
-        return self.factorization.num_parameters()
-
-    def extra_repr(self) -> str:
-        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
-        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{extra}"
+        table = _cce_table(type(self).__name__, num_embeddings, embedding_dim, num_columns, table_rows, seed)
+        super().__init__(table, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset)

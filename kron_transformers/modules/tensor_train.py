@@ -14,7 +14,6 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..factorizations.tensor_train import (
     DEFAULT_TT_RANK,
@@ -24,9 +23,8 @@ from ..factorizations.tensor_train import (
 )
 from ..factorizations.tensor_train import tt_shapes as automatic_tt_shapes
 from ..kernels import tt_embedding_bag
-from .bag import BAG_MODES, check_bag_arguments, embedding_bag_lookup
-from .dense_view import dense_weight_property
-from .embedding import EMBEDDING_CLASSES, FactorizedEmbedding, zero_index
+from .bag import FactorizedEmbeddingBag, check_bag_arguments
+from .embedding import EMBEDDING_CLASSES, FactorizedEmbedding
 
 
 logger = logging.getLogger(__name__)
@@ -183,7 +181,7 @@ class TTEmbedding(FactorizedEmbedding):
 EMBEDDING_CLASSES[TensorTrainFactorization] = TTEmbedding
 
 
-class TTEmbeddingBag(nn.Module):
+class TTEmbeddingBag(FactorizedEmbeddingBag):
     """``nn.EmbeddingBag`` over a tensor-train table (TT-Rec's TT-EmbeddingBag, seed 004, section 4.1).
 
     ``forward(input, offsets=None, per_sample_weights=None)`` has ``nn.EmbeddingBag``'s semantics
@@ -210,16 +208,7 @@ class TTEmbeddingBag(nn.Module):
         cache_refresh_every: int = 1000,
         cache_write_back_steps: int = 20,
     ) -> None:
-        super().__init__()
-        if mode not in BAG_MODES:
-            raise ValueError(f"TTEmbeddingBag: mode {mode!r} is not one of {BAG_MODES}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(
-                    f"TTEmbeddingBag: padding_idx {padding_idx} is outside the vocabulary of {num_embeddings} rows"
-                )
-            padding_idx %= num_embeddings
-        self.factorization = build_tensor_train(
+        table = build_tensor_train(
             type(self).__name__,
             num_embeddings,
             embedding_dim,
@@ -232,11 +221,7 @@ class TTEmbeddingBag(nn.Module):
             cache_refresh_every,
             cache_write_back_steps,
         )
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.mode = mode
-        self.padding_idx = padding_idx
-        self.include_last_offset = include_last_offset
+        super().__init__(table, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset)
 
     def forward(
         self,
@@ -251,17 +236,7 @@ class TTEmbeddingBag(nn.Module):
             check_bag_arguments(type(self).__name__, input, offsets, per_sample_weights, self.mode)
             cores = list(self.factorization.cores)
             return tt_embedding_bag(input, offsets, per_sample_weights, cores, self.embedding_dim, self.mode)
-        return embedding_bag_lookup(
-            self.factorization.gather_rows,
-            self.embedding_dim,
-            input,
-            offsets,
-            per_sample_weights,
-            mode=self.mode,
-            padding_idx=self.padding_idx,
-            include_last_offset=self.include_last_offset,
-            module_name=type(self).__name__,
-        )
+        return super().forward(input, offsets, per_sample_weights)
 
     def _fused_bag_applies(self, input: torch.Tensor) -> bool:
         """Whether the bag is the plain TT-EmbeddingBag op (``kernels.tt_embedding_bag``, a fused kernel on CUDA):
@@ -269,22 +244,10 @@ class TTEmbeddingBag(nn.Module):
         plain = not self.factorization.cache_size and self.padding_idx is None and not self.include_last_offset
         return plain and self.mode in ("sum", "mean") and input.dim() in (1, 2)
 
-    def materialize(self) -> torch.Tensor:
-        """Dense ``(num_embeddings, embedding_dim)`` table (padding row zero)."""
-        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
-
-    weight = dense_weight_property()
-
-    def num_parameters(self) -> int:
-        """Stored trainable numbers: the cores plus the cache rows."""
-        return self.factorization.num_parameters()
-
     @property
     def cache_hit_rate(self) -> float:
         """Share of training lookups since the last cache population served by the cache."""
         return self.factorization.cache_hit_rate
 
     def extra_repr(self) -> str:
-        padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
-        head = f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{padding}"
-        return f"{head}, {_describe(self.factorization)}"
+        return f"{super().extra_repr()}, {_describe(self.factorization)}"

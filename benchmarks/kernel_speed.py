@@ -20,30 +20,24 @@ storages that autograd saves (``torch.autograd.graph.saved_tensors_hooks``).
 
 Run from the repository root::
 
-    python benchmarks/kernels.py --quick          # CPU: dense / factored / materialized only
-    python benchmarks/kernels.py --dtype bfloat16 # on a GPU: adds the Triton column
+    python benchmarks/kernel_speed.py --quick          # CPU: dense / factored / materialized only
+    python benchmarks/kernel_speed.py --dtype bfloat16 # on a GPU: adds the Triton column
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-# This script shares its name with the ``kernels`` package transformers probes for: keep its folder off the path.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from kron_transformers import KPDLinear, KronLinear  # noqa: E402
-from kron_transformers.kernels import dispatch, torch_ops  # noqa: E402
+from kron_transformers import KPDLinear, KronLinear
+from kron_transformers.kernels import dispatch, torch_ops
 
 
 WARMUP_STEPS = 2
