@@ -30,7 +30,9 @@ INITS = ("svd", "random", "calibrated")
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub id or folder of a pretrained model (downloads); compressed from its weights with --init."},
+        metadata={
+            "help": "Hub id or folder of a pretrained model (downloads); compressed from its weights with --init."
+        },
     )
     model_config: str | None = field(
         default=None,
@@ -50,7 +52,9 @@ class ModelArguments:
     tokenizer_vocab_size: int = field(default=2000, metadata={"help": "Vocabulary size of --tokenizer train."})
     compression: str | None = field(
         default=None,
-        metadata={"help": "Preset name in recipes/configs, a .yaml/.json file (preset or KronConfig fields), or 'none'."},
+        metadata={
+            "help": "Preset name in recipes/configs, a .yaml/.json file (preset or KronConfig fields), or 'none'."
+        },
     )
     init: str | None = field(
         default=None,
@@ -74,7 +78,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Local training data: .jsonl/.json/.csv (optionally .gz), a parallel-text prefix P with files "
-            "P.<source_lang> and P.<target_lang>, an image folder (one subfolder per class) or a .npz of images/labels."
+            "P.<source_lang> and P.<target_lang>, an image folder (a subfolder per class) or a .npz of images/labels."
         },
     )
     validation_file: str | None = field(default=None, metadata={"help": "Local validation data (same formats)."})
@@ -104,7 +108,9 @@ class DataArguments:
         if (self.validation_file or self.test_file) and not (self.train_file or self.dataset_name):
             raise RecipeError("--validation_file/--test_file need --train_file")
         if not 0 < self.validation_split_percentage < 100:
-            raise RecipeError(f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}")
+            raise RecipeError(
+                f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}"
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -155,10 +161,14 @@ class TrainArguments:
     )
     kpd_l1: float = field(
         default=0.0,
-        metadata={"help": "KPD layers: strength of the l1 proximal step on S after each optimizer step (seed 001, eq. 4)."},
+        metadata={
+            "help": "KPD layers: strength of the l1 proximal step on S after each optimizer step (seed 001, eq. 4)."
+        },
     )
     augment: bool = field(default=True, metadata={"help": "Images: random crop and horizontal flip while training."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Upload output_dir (without checkpoints) to REPO."})
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Upload output_dir (without checkpoints) to REPO."}
+    )
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
     def __post_init__(self) -> None:

@@ -117,7 +117,9 @@ def _pattern(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return wave
 
 
-def images(size: int = 1200, image_size: int = 16, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+def images(
+    size: int = 1200, image_size: int = 16, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     """``(images uint8 (N, H, W, 3), labels int64 (N,), class names)``: 100 validation, 100 test, the rest training."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(len(IMAGE_CLASSES), size=size)

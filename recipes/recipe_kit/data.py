@@ -122,7 +122,8 @@ def read_text_file(value: str, args: DataArguments, default_columns: tuple[str, 
     targets = _read_lines(_parallel_file(value, args.target_lang))
     if len(sources) != len(targets):
         raise RecipeError(
-            f"parallel text {value}: {len(sources)} {args.source_lang} lines but {len(targets)} {args.target_lang} lines"
+            f"parallel text {value}: {len(sources)} {args.source_lang} lines but "
+            f"{len(targets)} {args.target_lang} lines"
         )
     return list(zip(sources, targets))
 
@@ -145,7 +146,9 @@ def _hub_text(args: DataArguments, default_columns: tuple[str, str]) -> dict[str
         columns = split.column_names
         if "translation" in columns and args.source_column is None:
             if not (args.source_lang and args.target_lang):
-                raise RecipeError(f"{args.dataset_name} has a 'translation' column; give --source_lang and --target_lang")
+                raise RecipeError(
+                    f"{args.dataset_name} has a 'translation' column; give --source_lang and --target_lang"
+                )
             splits[name] = [(row[args.source_lang], row[args.target_lang]) for row in split["translation"]]
         else:
             source = args.source_column or default_columns[0]

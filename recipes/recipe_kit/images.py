@@ -52,7 +52,9 @@ def augment(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_image_model(arguments: RecipeArguments, classes: list[str], default_config: dict[str, Any]) -> torch.nn.Module:
+def build_image_model(
+    arguments: RecipeArguments, classes: list[str], default_config: dict[str, Any]
+) -> torch.nn.Module:
     labels = dict(
         num_labels=len(classes),
         id2label=dict(enumerate(classes)),

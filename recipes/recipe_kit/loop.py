@@ -55,12 +55,16 @@ class Task:
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation per epoch drawn from ``(seed, epoch)`` alone, so a resumed run sees the same order."""
+    """A permutation per epoch drawn from ``(seed, epoch)`` alone, so a resumed run sees the same order.
+
+    The epoch is set by the loop (``use_epoch``), not through ``set_epoch``, which Accelerate's data loader calls
+    with its own iteration count (0 again in a resumed run).
+    """
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -132,7 +136,11 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
 
     sampler = EpochShuffleSampler(len(task.train_data), args.seed)
     train_loader = DataLoader(
-        task.train_data, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=task.collate_train
+        task.train_data,
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        collate_fn=task.collate_train,
+        generator=torch.Generator().manual_seed(args.seed),  # its seed draws must not advance the global generator
     )
     eval_loader = DataLoader(task.eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=task.collate_eval)
     optimizer = build_optimizer(task.model, args)
@@ -156,13 +164,15 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
     if accelerator.is_main_process and checkpoint is None:
         log_path.write_text("")
     unwrapped = accelerator.unwrap_model(model)
-    progress = tqdm(total=total_steps, initial=completed, desc=task.name, disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=total_steps, initial=completed, desc=task.name, disable=not accelerator.is_local_main_process
+    )
     start = time.perf_counter()
     step_losses: list[float] = []
     last_loss = float("nan")
     model.train()
     while completed < total_steps and not _stop_for_time(accelerator, start, args.max_train_seconds):
-        train_loader.set_epoch(epoch)
+        sampler.use_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in batches:
             with accelerator.accumulate(model):
@@ -210,6 +220,7 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
         "metrics": metrics,
         "parameters": {"total": summary.total_after, "dense": summary.total_before, "ratio": summary.ratio},
         "steps": completed,
+        "processes": accelerator.num_processes,
         "train_loss": last_loss,
         "train_seconds": train_seconds,
         "arguments": _scalars(arguments.to_flat_dict()),
@@ -234,7 +245,8 @@ def _dense_card(task: Task, arguments: RecipeArguments, metrics: dict[str, float
     rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
     base = arguments.model.model_name_or_path or arguments.model.model_config or "a config"
     return (
-        f"---\nlibrary_name: transformers\ntags:\n- {task.name}\n---\n\n# {type(task.model).__name__} ({task.name})\n\n"
+        f"---\nlibrary_name: transformers\ntags:\n- {task.name}\n---\n\n"
+        f"# {type(task.model).__name__} ({task.name})\n\n"
         f"Trained with the kron_transformers `{task.name}` recipe from {base}, without compression.\n\n"
         f"## Evaluation\n\n| metric | value |\n| --- | ---: |\n{rows}\n"
     )
@@ -250,7 +262,12 @@ def save_outputs(model: nn.Module, task: Task, arguments: RecipeArguments, resul
     base_model = arguments.model.model_name_or_path
     if kt.applied_config(model) is not None:
         kt.write_model_card(
-            model, output_dir, repo_id=args.push_to_hub, base_model=base_model, metrics=results["metrics"], tags=[task.name]
+            model,
+            output_dir,
+            repo_id=args.push_to_hub,
+            base_model=base_model,
+            metrics=results["metrics"],
+            tags=[task.name],
         )
     else:
         (output_dir / "README.md").write_text(_dense_card(task, arguments, results["metrics"]), encoding="utf-8")

@@ -49,7 +49,7 @@ def _read(path: Path) -> Any:
 
 
 def load_preset(value: str | None) -> Preset:
-    """``None`` or ``"none"``: dense; a preset name from ``recipes/configs``; or a ``.yaml``/``.yml``/``.json`` file."""
+    """``None`` or ``"none"``: dense; a preset name from ``recipes/configs``; or a ``.yaml``/``.yml``/``.json``."""
     if value is None or value == DENSE:
         return Preset(DENSE, None)
     path = Path(value)
@@ -68,7 +68,9 @@ def load_preset(value: str | None) -> Preset:
     if "compression" in data:
         unknown = sorted(set(data) - {"compression", "defaults"})
         if unknown:
-            raise RecipeError(f"--compression: {path} has unknown top-level keys {unknown}; use compression: and defaults:")
+            raise RecipeError(
+                f"--compression: {path} has unknown top-level keys {unknown}; use compression: and defaults:"
+            )
         compression, defaults = data["compression"], data.get("defaults") or {}
     else:
         compression, defaults = data, {}
@@ -82,7 +84,7 @@ def load_preset(value: str | None) -> Preset:
 
 
 def apply_compression(model, preset: Preset, init: str | None):
-    """``kt.compress_model`` with the preset's config (``init`` overriding its ``init``); dense presets pass through."""
+    """``kt.compress_model`` with the preset's config (``init`` overriding its own); a dense preset passes through."""
     if preset.compression is None:
         return model
     config = kt.KronConfig.from_dict(preset.compression.to_dict(), **({"init": init} if init else {}))
