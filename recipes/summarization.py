@@ -26,18 +26,18 @@ from recipe_kit.seq2seq import seq2seq_task
 
 
 SMALL_T5 = dict(
-    model_type="t5", d_model=128, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32, dropout_rate=0.1
+    model_type="t5", d_model=64, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16, dropout_rate=0.1
 )
 DEFAULTS = dict(
     output_dir="outputs/summarization",
     compression="small_word2ketxs",
     learning_rate=3e-3,
     warmup_steps=100,
-    max_steps=400,
+    max_steps=300,
     per_device_train_batch_size=32,
     max_source_length=96,
     max_target_length=24,
-    checkpointing_steps=200,
+    checkpointing_steps=150,
 )
 
 
