@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 
+pytest_plugins = ["fake_hub"]
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 sys.path.insert(0, str(RECIPES))
 
@@ -103,7 +105,7 @@ def test_image_classification_with_kpd_l1_from_npz(tmp_path):
     assert {entry["method"] for entry in config["quantization_config"]["modules"].values()} == {"KPD"}
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch_and_pushes(tmp_path, fake_hub):
     common = [*IMAGES, "--max_steps", "3", "--compression", "small_kpd"]
     image_classification.main([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
     # accelerate 1.x: "--cpu --num_processes 2" alone runs one process (several CPU processes need MPI);
@@ -112,8 +114,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPES / "image_classification.py"),
         *common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two"),
+        "--push_to_hub", "recipes/vit-kpd",
     ]  # fmt: skip
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(RECIPES.parent)}
+    environment = {**fake_hub.env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(RECIPES.parent)}
     done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "results.json").read_text())["processes"] == 2
@@ -121,6 +124,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    pushed = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "results.json"}
+    assert set(fake_hub.files("recipes/vit-kpd")) == pushed
+    assert "| test_accuracy |" in (tmp_path / "two" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
