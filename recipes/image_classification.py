@@ -32,11 +32,11 @@ DEFAULTS = dict(
     compression="small_kpd",
     learning_rate=2e-3,
     warmup_steps=50,
-    max_steps=300,
+    max_steps=200,
     per_device_train_batch_size=32,
     weight_decay=0.05,
     lr_scheduler="linear",
-    checkpointing_steps=150,
+    checkpointing_steps=100,
 )
 
 

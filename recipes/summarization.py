@@ -33,11 +33,11 @@ DEFAULTS = dict(
     compression="small_word2ketxs",
     learning_rate=3e-3,
     warmup_steps=100,
-    max_steps=300,
+    max_steps=200,
     per_device_train_batch_size=32,
     max_source_length=96,
     max_target_length=24,
-    checkpointing_steps=150,
+    checkpointing_steps=100,
 )
 
 

@@ -34,12 +34,12 @@ DEFAULTS = dict(
     compression="small_shapeshifter",
     learning_rate=3e-3,
     warmup_steps=100,
-    max_steps=400,
+    max_steps=250,
     per_device_train_batch_size=32,
     max_source_length=32,
     max_target_length=24,
     label_smoothing=0.1,
-    checkpointing_steps=200,
+    checkpointing_steps=125,
 )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 
 pytest_plugins = ["fake_hub"]
@@ -35,6 +35,7 @@ from recipe_kit.errors import RecipeError, run_main  # noqa: E402
 from recipe_kit.metrics import accuracy, bleu, rouge  # noqa: E402
 from recipe_kit.optim import Lamb, inverse_sqrt_factor  # noqa: E402
 from recipe_kit.presets import available_presets, load_preset  # noqa: E402
+from recipe_kit.seq2seq import train_tokenizer  # noqa: E402
 
 
 TINY_T5 = "d_model=32,d_ff=64,num_heads=2,d_kv=16,num_layers=1,num_decoder_layers=1"
@@ -73,22 +74,31 @@ def test_translation_trains_evaluates_saves_and_resumes_with_the_same_losses(tmp
         torch.testing.assert_close(resumed_final[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_summarization_from_local_jsonl_reports_rouge(tmp_path):
+def test_summarization_compresses_a_pretrained_folder_with_svd_on_local_jsonl(tmp_path):
     splits = builtin.summarization(size=480)
     for name in ("train", "validation"):
         rows = [json.dumps({"document": d, "subject": s}) for d, s in splits[name]]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(rows))
-    arguments = [*SEQ2SEQ, "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--target_column", "subject"]
+    tokenizer = train_tokenizer([text for pair in splits["train"] for text in pair], 120)
+    config = AutoConfig.for_model("t5", vocab_size=len(tokenizer), decoder_start_token_id=0, d_model=32, d_ff=64)
+    config.update_from_string("num_heads=2,d_kv=16,num_layers=1,num_decoder_layers=1")
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "pretrained")
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+
+    arguments = [*SEQ2SEQ[2:], "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--target_column", "subject"]
     arguments += [
         "--train_file",
         str(tmp_path / "train.jsonl"),
         "--validation_file",
         str(tmp_path / "validation.jsonl"),
     ]
+    arguments += ["--model_name_or_path", str(tmp_path / "pretrained"), "--init", "svd"]
     results = summarization.main(arguments)
     assert results["eval_split"] == "validation"
     assert set(results["metrics"]) == {"validation_rouge1", "validation_rouge2", "validation_rougeL"}
     assert results["compression"] == "small_word2ketxs"
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert saved["init"] == "svd" and 0 < saved["modules"]["shared"]["init_error"] < 1
 
 
 def test_image_classification_with_kpd_l1_from_npz(tmp_path):
