@@ -96,6 +96,7 @@ def run(main, name: str, arguments: list[str]) -> dict:
         "parameters": results["parameters"]["total"],
         "metric": next(iter(results["metrics"].items())),
         "steps": results["steps"],
+        "train_loss": results["train_loss"],
         "train_s": results["train_seconds"],
         "total_s": time.perf_counter() - start,
     }
@@ -170,13 +171,13 @@ def main() -> int:
     if args.only in (None, "cifar10"):
         rows += cifar10(data, output, args.seconds)
     print(f"\ntraining budget {args.seconds:.0f} s per run (wall clock), {args.threads} CPU thread(s)\n")
-    print("| run | parameters | metric | steps | train s | total s |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    print("| run | parameters | metric | steps | last train loss | train s | total s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         metric, value = row["metric"]
         print(
             f"| {row['run']} | {row['parameters']:,} | {metric} {value:.2f} | {row['steps']} | "
-            f"{row['train_s']:.0f} | {row['total_s']:.0f} |"
+            f"{row['train_loss']:.3f} | {row['train_s']:.0f} | {row['total_s']:.0f} |"
         )
     (output / "table.json").write_text(json.dumps(rows, indent=2))
     return 0
