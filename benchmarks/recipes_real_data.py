@@ -49,7 +49,7 @@ SHAPESHIFTER = {
     "ffn": {"method": "Shapeshifter", "rank": 8},
     "init": "random",
 }
-VIT = "hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512,patch_size=4"
+VIT = "hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512,image_size=32,patch_size=4"
 KPD = {"attention": {"method": "KPD", "rank": 4, "block_size": [4, 4]}, "ffn": {"method": "KPD", "rank": 4,
        "block_size": [4, 4]}, "init": "random"}  # fmt: skip
 
