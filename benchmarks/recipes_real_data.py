@@ -11,8 +11,9 @@ shared benchmark data; a fresh clone lacks it and the script says so and exits).
   largest ranks that do not exceed them), and a dense T5 narrowed to about the same parameter count. One shared
   BPE vocabulary of 4,000 tokens trained on the training set. BLEU (sacreBLEU) on all of test_2016_flickr, greedy.
   (the run name "dense (narrow)": the dense model is narrower, so that all three have about the same parameters)
-- CIFAR-10: the 10,000 test images (sorted by class) shuffled with seed 0 and split 9,000 train / 1,000 test; a ViT (32x32, patch 4, d 128, 4 layers) dense
-  and with KPD rank 4, 4x4 blocks (seed 001, eq. 3) plus the l1 proximal step on S (eq. 4). Top-1 accuracy.
+- CIFAR-10: the 10,000 test images (sorted by class) shuffled with seed 0 and split 9,000 train / 1,000 test;
+  a ViT (32x32, patch 4, d 128, 4 layers) dense and with KPD rank 4, 4x4 blocks (seed 001, eq. 3) plus the l1
+  proximal step on S (eq. 4). Top-1 accuracy.
 
 One table: parameters, metric, optimizer steps reached, training and total wall time per run.
 """
