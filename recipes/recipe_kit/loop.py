@@ -1,0 +1,284 @@
+"""The one training loop of the recipes, on Accelerate.
+
+Launched with ``python`` or ``accelerate launch`` (DDP / FSDP unchanged): mixed precision and gradient
+accumulation through ``Accelerator``; ``accelerator.save_state`` every ``--checkpointing_steps`` optimizer steps
+into ``output_dir/checkpoints/step_N`` and ``--resume_from_checkpoint`` continuing at that step with the same data
+order and random state; after every optimizer step, the KPD proximal l1 step (seed 001, eq. 4) when
+``--kpd_l1 > 0`` and ``kt.on_train_step`` (TT-Rec cache, CCE re-clustering: any module defining it); trackers,
+a progress bar, then evaluation, ``results.json``, the model, its card and ``--push_to_hub``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+import kron_transformers as kt
+
+from .arguments import RecipeArguments, TrainArguments
+from .errors import RecipeError
+from .optim import build_optimizer, build_scheduler
+
+
+CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+RESULTS = "results.json"
+
+
+@dataclass
+class Task:
+    """What a recipe contributes to the loop: the model, its data and how to train and evaluate it."""
+
+    name: str
+    model: nn.Module
+    train_data: Sequence
+    eval_data: Sequence
+    eval_split: str
+    collate_train: Callable[[list], dict[str, torch.Tensor]]
+    collate_eval: Callable[[list], dict[str, torch.Tensor]]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    evaluate: Callable[[nn.Module, Iterable[dict[str, torch.Tensor]], Accelerator], dict[str, float]]
+    save_preprocessing: Callable[[str], None]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation per epoch drawn from ``(seed, epoch)`` alone, so a resumed run sees the same order.
+
+    The epoch is set by the loop (``use_epoch``), not through ``set_epoch``, which Accelerate's data loader calls
+    with its own iteration count (0 again in a resumed run).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def make_accelerator(args: TrainArguments) -> Accelerator:
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(args.seed)
+    return accelerator
+
+
+def checkpoint_step(path: Path) -> int:
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if match is None:
+        raise RecipeError(f"--resume_from_checkpoint {path}: expected a {CHECKPOINTS}/step_N folder")
+    return int(match.group(1))
+
+
+def resolve_checkpoint(args: TrainArguments) -> Path | None:
+    """The folder ``--resume_from_checkpoint`` names (``latest``: the highest step in output_dir/checkpoints)."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        folders = sorted(Path(args.output_dir, CHECKPOINTS).glob("step_*"), key=checkpoint_step)
+        if not folders:
+            raise RecipeError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}/{CHECKPOINTS}")
+        return folders[-1]
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        raise RecipeError(f"--resume_from_checkpoint {path}: no such folder")
+    checkpoint_step(path)
+    return path
+
+
+def check_training_hooks(model: nn.Module, args: TrainArguments) -> None:
+    if args.kpd_l1 > 0 and not kt.kpd.kpd_factorizations(model):
+        raise RecipeError("--kpd_l1 needs KPD layers; use a KPD compression preset or set --kpd_l1 0")
+
+
+def _stop_for_time(accelerator: Accelerator, start: float, budget: float | None) -> bool:
+    """True on every process once the main process has used up ``budget`` seconds."""
+    if budget is None:
+        return False
+    flag = torch.tensor(float(time.perf_counter() - start >= budget), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum") > 0)
+
+
+def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> dict[str, Any]:
+    """Train ``task.model``, evaluate it, write everything under ``output_dir``; return the results dict."""
+    args = arguments.train
+    output_dir = Path(args.output_dir)
+    checkpoint = resolve_checkpoint(args)
+    check_training_hooks(task.model, args)
+    summary = kt.report(task.model)
+    if kt.applied_config(task.model) is not None:
+        accelerator.print(summary)
+
+    sampler = EpochShuffleSampler(len(task.train_data), args.seed)
+    train_loader = DataLoader(
+        task.train_data,
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        collate_fn=task.collate_train,
+        generator=torch.Generator().manual_seed(args.seed),  # its seed draws must not advance the global generator
+    )
+    eval_loader = DataLoader(task.eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=task.collate_eval)
+    optimizer = build_optimizer(task.model, args)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(task.model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, args, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    if args.report_to != "none":
+        accelerator.init_trackers(task.name, config=_scalars(arguments.to_flat_dict()))
+
+    completed = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        completed = checkpoint_step(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {completed}")
+    batches_per_step = args.gradient_accumulation_steps
+    epoch, skip = divmod(completed, steps_per_epoch)
+    skip *= batches_per_step
+    log_path = output_dir / TRAIN_LOG
+    if accelerator.is_main_process and checkpoint is None:
+        log_path.write_text("")
+    unwrapped = accelerator.unwrap_model(model)
+    progress = tqdm(
+        total=total_steps, initial=completed, desc=task.name, disable=not accelerator.is_local_main_process
+    )
+    start = time.perf_counter()
+    step_losses: list[float] = []
+    last_loss = float("nan")
+    model.train()
+    while completed < total_steps and not _stop_for_time(accelerator, start, args.max_train_seconds):
+        sampler.use_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = task.loss(model, batch)
+                accelerator.backward(loss)
+                step_losses.append(loss.detach().float().item())
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                learning_rate = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            completed += 1
+            if args.kpd_l1 > 0:
+                kt.kpd.proximal_step(unwrapped, lr=learning_rate, strength=args.kpd_l1)
+            hook_metrics = kt.on_train_step(unwrapped, completed, optimizer)
+            last_loss = sum(step_losses) / len(step_losses)
+            step_losses = []
+            record = {"step": completed, "loss": last_loss, "lr": learning_rate, **hook_metrics}
+            if accelerator.is_main_process:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if completed % args.logging_steps == 0:
+                accelerator.log(record, step=completed)
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}")
+            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+                accelerator.save_state(str(output_dir / CHECKPOINTS / f"step_{completed}"))
+            if completed >= total_steps or _stop_for_time(accelerator, start, args.max_train_seconds):
+                break
+        epoch, skip = epoch + 1, 0
+    train_seconds = time.perf_counter() - start
+    progress.close()
+
+    model.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(model, eval_loader, accelerator)
+    metrics = {f"{task.eval_split}_{name}": value for name, value in metrics.items()}
+    results = {
+        "task": task.name,
+        "compression": arguments.preset.name,
+        "eval_split": task.eval_split,
+        "metrics": metrics,
+        "parameters": {"total": summary.total_after, "dense": summary.total_before, "ratio": summary.ratio},
+        "steps": completed,
+        "processes": accelerator.num_processes,
+        "train_loss": last_loss,
+        "train_seconds": train_seconds,
+        "arguments": _scalars(arguments.to_flat_dict()),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_outputs(unwrapped, task, arguments, results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"{task.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    if kt.applied_config(unwrapped) is not None:
+        accelerator.print(kt.report(unwrapped))
+    accelerator.print(f"results in {output_dir / RESULTS}")
+    return results
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
+
+
+def _dense_card(task: Task, arguments: RecipeArguments, metrics: dict[str, float]) -> str:
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
+    base = arguments.model.model_name_or_path or arguments.model.model_config or "a config"
+    return (
+        f"---\nlibrary_name: transformers\ntags:\n- {task.name}\n---\n\n"
+        f"# {type(task.model).__name__} ({task.name})\n\n"
+        f"Trained with the kron_transformers `{task.name}` recipe from {base}, without compression.\n\n"
+        f"## Evaluation\n\n| metric | value |\n| --- | ---: |\n{rows}\n"
+    )
+
+
+def save_outputs(model: nn.Module, task: Task, arguments: RecipeArguments, results: dict[str, Any]) -> None:
+    """The model (safetensors), tokenizer / image processor, results.json and the model card; then the Hub."""
+    args = arguments.train
+    output_dir = Path(args.output_dir)
+    model.save_pretrained(output_dir)
+    task.save_preprocessing(str(output_dir))
+    (output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    base_model = arguments.model.model_name_or_path
+    if kt.applied_config(model) is not None:
+        kt.write_model_card(
+            model,
+            output_dir,
+            repo_id=args.push_to_hub,
+            base_model=base_model,
+            metrics=results["metrics"],
+            tags=[task.name],
+        )
+    else:
+        (output_dir / "README.md").write_text(_dense_card(task, arguments, results["metrics"]), encoding="utf-8")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo_id = api.create_repo(args.push_to_hub, private=args.hub_private, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            ignore_patterns=[f"{CHECKPOINTS}/*", TRAIN_LOG],
+            commit_message=f"{task.name} recipe: " + ", ".join(f"{k} {v:.2f}" for k, v in results["metrics"].items()),
+        )
