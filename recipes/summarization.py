@@ -22,12 +22,9 @@ from recipe_kit.arguments import parse_arguments
 from recipe_kit.errors import run_main
 from recipe_kit.loop import make_accelerator, train
 from recipe_kit.metrics import rouge
-from recipe_kit.seq2seq import seq2seq_task
+from recipe_kit.seq2seq import SMALL_T5, seq2seq_task
 
 
-SMALL_T5 = dict(
-    model_type="t5", d_model=64, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16, dropout_rate=0.1
-)
 DEFAULTS = dict(
     output_dir="outputs/summarization",
     compression="small_word2ketxs",

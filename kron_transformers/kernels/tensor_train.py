@@ -47,6 +47,11 @@ def tt_gather_rows(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) 
     """
     _check_cores(cores, "tt_gather_rows")
     unique_ids, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    return _distinct_rows(unique_ids, cores, cols)[inverse].reshape(*ids.shape, cols)
+
+
+def _distinct_rows(unique_ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
+    """``(len(unique_ids), cols)``: the chain of batched products, once per (already distinct) id."""
     radices = tuple(core.shape[1] for core in cores)
     digits = mixed_radix_digits(unique_ids, radices)
     count = unique_ids.numel()
@@ -58,8 +63,7 @@ def tt_gather_rows(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) 
         slices = core.permute(1, 0, 2, 3)[digit].reshape(count, rank_in, width * rank_out)
         columns *= width
         state = torch.bmm(state, slices).reshape(count, columns, rank_out)
-    rows = state.reshape(count, columns)[:, :cols]
-    return rows[inverse].reshape(*ids.shape, cols)
+    return state.reshape(count, columns)[:, :cols]
 
 
 def tt_embedding_bag(
@@ -71,10 +75,12 @@ def tt_embedding_bag(
     mode: str,
 ) -> torch.Tensor:
     """Bags of TT rows pooled as ``nn.EmbeddingBag`` (``mode`` sum/mean, ``include_last_offset=False``): TT-Rec's
-    TT-EmbeddingBag (seed 004, section 4.1). The distinct ids are built once (``tt_gather_rows``), then pooled.
+    TT-EmbeddingBag (seed 004, section 4.1). The distinct ids are built once (the chain of ``tt_gather_rows``),
+    then pooled.
     """
+    _check_cores(cores, "tt_embedding_bag")
     unique_ids, inverse = torch.unique(ids, return_inverse=True)
-    rows = tt_gather_rows(unique_ids, cores, cols)
+    rows = _distinct_rows(unique_ids, cores, cols)
     offsets = offsets.to(inverse.dtype) if offsets is not None else None
     return F.embedding_bag(inverse, rows, offsets, mode=mode, per_sample_weights=per_sample_weights)
 

@@ -14,11 +14,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..factorizations import Factorization
-from .dense_view import dense_weight_property
-from .embedding import zero_index
+from .embedding import FactorizedTable, checked_padding_idx
 
 
 BAG_MODES = ("sum", "mean", "max")
@@ -91,7 +89,7 @@ def embedding_bag_lookup(
     )
 
 
-class FactorizedEmbeddingBag(nn.Module):
+class FactorizedEmbeddingBag(FactorizedTable):
     """Drop-in ``nn.EmbeddingBag`` over a factorized table (the bags of TT-Rec, CCE, ...).
 
     ``forward(input, offsets=None, per_sample_weights=None)`` pools the rows of each bag with
@@ -109,20 +107,13 @@ class FactorizedEmbeddingBag(nn.Module):
         include_last_offset: bool,
     ) -> None:
         super().__init__()
-        name, num_embeddings = type(self).__name__, factorization.rows
         if mode not in BAG_MODES:
-            raise ValueError(f"{name}: mode {mode!r} is not one of {BAG_MODES}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(
-                    f"{name}: padding_idx {padding_idx} is outside the vocabulary of {num_embeddings} rows"
-                )
-            padding_idx %= num_embeddings
+            raise ValueError(f"{type(self).__name__}: mode {mode!r} is not one of {BAG_MODES}")
         self.factorization = factorization
-        self.num_embeddings = num_embeddings
+        self.num_embeddings = factorization.rows
         self.embedding_dim = factorization.cols
         self.mode = mode
-        self.padding_idx = padding_idx
+        self.padding_idx = checked_padding_idx(type(self).__name__, padding_idx, factorization.rows)
         self.include_last_offset = include_last_offset
 
     def forward(
@@ -142,15 +133,6 @@ class FactorizedEmbeddingBag(nn.Module):
             include_last_offset=self.include_last_offset,
             module_name=type(self).__name__,
         )
-
-    def materialize(self) -> torch.Tensor:
-        """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero."""
-        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
-
-    weight = dense_weight_property()
-
-    def num_parameters(self) -> int:
-        return self.factorization.num_parameters()
 
     def extra_repr(self) -> str:
         extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""

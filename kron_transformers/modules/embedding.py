@@ -55,7 +55,35 @@ def _keep_factorization_buffers(module: nn.Module, state_dict: dict, prefix: str
         state_dict.setdefault(f"{prefix}factorization.{name}", buffer)
 
 
-class FactorizedEmbedding(nn.Module):
+def checked_padding_idx(module_name: str, padding_idx: int | None, num_embeddings: int) -> int | None:
+    """``padding_idx`` in ``[0, num_embeddings)`` (negative counts from the end, as ``nn.Embedding``), or ``None``."""
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(
+            f"{module_name}: padding_idx {padding_idx} is outside the vocabulary of {num_embeddings} rows"
+        )
+    return padding_idx % num_embeddings
+
+
+class FactorizedTable(nn.Module):
+    """What every module over one factorized ``(num_embeddings, embedding_dim)`` table exposes (embeddings, bags):
+    the dense table with the padding row zero, a read-only ``weight`` and the parameter count."""
+
+    factorization: Factorization
+    padding_idx: int | None
+
+    def materialize(self) -> torch.Tensor:
+        """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero (an embedding's scale not applied)."""
+        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
+
+    weight = dense_weight_property()
+
+    def num_parameters(self) -> int:
+        return self.factorization.num_parameters()
+
+
+class FactorizedEmbedding(FactorizedTable):
     """An embedding table ``E`` (``num_embeddings x embedding_dim``) held as a ``Factorization``.
 
     ``forward(ids) = E[ids]`` gathered lazily (the table is never formed), with the row of
@@ -70,14 +98,7 @@ class FactorizedEmbedding(nn.Module):
         self.factorization = factorization
         self.num_embeddings = factorization.rows
         self.embedding_dim = factorization.cols
-        if padding_idx is not None:
-            if not -self.num_embeddings <= padding_idx < self.num_embeddings:
-                raise ValueError(
-                    f"{type(self).__name__}: padding_idx {padding_idx} is outside the vocabulary of "
-                    f"{self.num_embeddings} rows"
-                )
-            padding_idx = padding_idx % self.num_embeddings
-        self.padding_idx = padding_idx
+        self.padding_idx = checked_padding_idx(type(self).__name__, padding_idx, self.num_embeddings)
         self.embed_scale = embed_scale
         share_factorization_buffers(self)
 
@@ -108,15 +129,6 @@ class FactorizedEmbedding(nn.Module):
         if self.padding_idx is not None:
             rows = rows.masked_fill((input_ids == self.padding_idx).unsqueeze(-1), 0.0)
         return rows * self.embed_scale if self.embed_scale is not None else rows
-
-    def materialize(self) -> torch.Tensor:
-        """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero (scale not applied)."""
-        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
-
-    weight = dense_weight_property()
-
-    def num_parameters(self) -> int:
-        return self.factorization.num_parameters()
 
     def extra_repr(self) -> str:
         extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
@@ -180,7 +192,7 @@ EMBEDDING_CLASSES: dict[type[Factorization], type[FactorizedEmbedding]] = {
 }
 
 
-class TiedFactorizedHead(nn.Module):
+class TiedFactorizedHead(FactorizedTable):
     """Output head tied to a factorized embedding: ``logits = h E^T (+ bias)`` from the same factors.
 
     The ``vocab x dim`` table is never formed when the factorization's structured product is
@@ -205,12 +217,6 @@ class TiedFactorizedHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = zero_index(self.factorization.matmul(hidden_states), self.padding_idx, -1)
         return logits + self.bias if self.bias is not None else logits
-
-    def materialize(self) -> torch.Tensor:
-        """Dense ``(vocab, dim)`` weight as ``nn.Linear`` stores it (padding row zero)."""
-        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
-
-    weight = dense_weight_property()
 
     def num_parameters(self) -> int:
         """Own parameters only (the bias); the factors belong to the embedding."""

@@ -28,6 +28,12 @@ from .presets import apply_compression
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
 
+# The model of the no-argument runs: a small T5 built from a config (no download).
+SMALL_T5 = dict(
+    model_type="t5", d_model=64, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16, dropout_rate=0.1
+)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A BPE tokenizer fitted on ``texts``: ids 0, 1, 2 are pad, eos, unk (T5's layout); eos is appended."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
