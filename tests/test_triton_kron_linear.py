@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from kron_transformers.kernels import triton_kron_linear  # noqa: E402
-from kron_transformers.kernels.triton_kron_linear import kron_linear  # noqa: E402
+from kron_transformers.kernels.library_ops import kron_linear  # noqa: E402
 
 
 def _poisoned_buffer(shape, dtype, device):
@@ -68,9 +68,9 @@ def assert_close(actual, expected, dtype):
     assert error <= TOLERANCES[dtype] * scale, f"max error {error.item():.3g} vs scale {scale.item():.3g}"
 
 
-def check_against_reference(x, a, b, scale, out_features, dtype, block_n=None):
+def check_against_reference(x, a, b, scale, out_features, dtype, block_n=None, rank_splits=None):
     """Forward and all gradients of ``kron_linear`` vs autograd through the dense float64 product."""
-    y = kron_linear(x, a, b, out_features, scale=scale, block_n=block_n)
+    y = kron_linear(x, a, b, out_features, scale=scale, block_n=block_n, rank_splits=rank_splits)
     weight = dense_reference(a, b, scale, out_features, x.shape[-1])
     expected = x.double() @ weight.T
     assert y.shape == expected.shape and y.dtype == x.dtype
@@ -91,6 +91,7 @@ SHAPES = [
     (2, 5, 2, 3, 7, 13, 15, 5, 4),  # odd everything, ragged last row tile
     (2, 2, 2, 33, 33, 65, 63, 3, None),  # two i2 tiles and two j2 chunks (blocks of 32)
     (1, 65, 1, 1, 2, 2, 65, 2, 1),  # two i1 tiles (blocks of 64); the input gradient contracts a1 = 65
+    (2, 37, 35, 9, 2, 69, 330, 3, None),  # b1 = 35 and a1 = 37: several j1 chunks forward and backward (16 in fp32)
 ]
 
 
@@ -101,6 +102,21 @@ def test_kron_linear_matches_kron_reference_fp32(rank, a1, b1, a2, b2, in_featur
     check_against_reference(x, a, b, None, out_features, torch.float32, block_n)
 
 
+def test_kpd_large_a1_small_blocks():
+    """KPD 4x4 blocks with ``a1 = 300 > 256`` (BERT/T5 feed-forward-like, scaled down): tiled, not a fallback."""
+    a, b, scale = random_case(2, 300, 5, 4, 4, with_scale=True, seed=13)
+    x = torch.randn(3, 20, device=DEVICE, requires_grad=True)
+    check_against_reference(x, a, b, scale, 1199, torch.float32)
+
+
+@pytest.mark.parametrize("rows, rank_splits", [(1, 2), (8, 3), (5, 5)])
+def test_rank_splits_sum_to_the_full_product(rows, rank_splits):
+    """Decode-size batches split the rank over programs (5 terms in 2, 3 or 5 uneven splits), input gradient too."""
+    a, b, scale = random_case(5, 6, 7, 5, 3, with_scale=True, seed=17)
+    x = torch.randn(rows, 21, device=DEVICE, requires_grad=True)
+    check_against_reference(x, a, b, scale, 29, torch.float32, rank_splits=rank_splits)
+
+
 def test_kpd_scale_is_folded_in_with_its_gradient():
     a, b, scale = random_case(3, 4, 3, 2, 5, with_scale=True, seed=3)
     x = torch.randn(6, 15, device=DEVICE, requires_grad=True)
@@ -108,11 +124,12 @@ def test_kpd_scale_is_folded_in_with_its_gradient():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs_accumulate_in_fp32(dtype):
+@pytest.mark.parametrize("a1, b1, a2, b2", [(3, 5, 4, 3), (3, 35, 17, 3)])  # small (packed) and padded B_k
+def test_half_precision_inputs_accumulate_in_fp32(dtype, a1, b1, a2, b2):
     skip_unless_dtype_runs(dtype)
-    a, b, scale = random_case(2, 3, 5, 4, 3, dtype=dtype, with_scale=True, seed=5)
-    x = torch.randn(5, 15, device=DEVICE).to(dtype).requires_grad_()
-    check_against_reference(x, a, b, scale, 12, dtype, block_n=2)
+    a, b, scale = random_case(2, a1, b1, a2, b2, dtype=dtype, with_scale=True, seed=5)
+    x = torch.randn(5, b1 * b2, device=DEVICE).to(dtype).requires_grad_()
+    check_against_reference(x, a, b, scale, a1 * a2 - 1, dtype, block_n=2)
 
 
 def test_leading_dimensions_are_kept():

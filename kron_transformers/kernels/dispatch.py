@@ -7,8 +7,11 @@
   arguments the kernel does not cover fall back to PyTorch with a one-time warning);
 - ``auto`` (default): Triton when every tensor argument is on CUDA and Triton imports, PyTorch otherwise.
 
-Under ``torch.compile`` the PyTorch reference is traced (Inductor generates its own fused code), so the
-dispatcher never causes a graph break.
+Under ``torch.compile`` an op registered with a ``compiled`` implementation (a ``torch.library`` custom op over
+its Triton kernel, ``library_ops``) is traced as that opaque op when its tensors are on CUDA (or, under
+``TRITON_INTERPRET=1`` with ``KRON_TRANSFORMERS_BACKEND=triton``, on CPU) and the kernel covers them; otherwise the
+PyTorch reference is traced (Inductor generates its own fused code). Either way the dispatcher causes no graph
+break.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class KernelEntry:
     torch_impl: Callable[..., Any]
     triton_impl: str | None
     covers: Callable[..., bool] | str
+    compiled: Callable[..., Any] | None = None
 
     def kernel_covers(self, *args: Any, **kwargs: Any) -> bool:
         covers = _load(self.covers) if isinstance(self.covers, str) else self.covers
@@ -108,25 +112,53 @@ def _runnable_on_device(tensors: list[torch.Tensor]) -> bool:
     return all(t.is_cuda for t in tensors) or triton_interpreted()
 
 
+@torch.compiler.assume_constant_result
+def _compiled_kernels_allowed() -> bool:
+    """Under ``torch.compile``: Triton imports and the backend is not forced to ``torch`` (read at trace time)."""
+    return requested_backend() != "torch" and triton_available()
+
+
+@torch.compiler.assume_constant_result
+def _compiled_kernels_on_cpu() -> bool:
+    """Under ``torch.compile``: CPU tensors may take the kernels (``TRITON_INTERPRET=1`` and the backend forced)."""
+    return triton_interpreted() and requested_backend() == "triton"
+
+
+def _compiled_call(entry: KernelEntry, args: tuple, kwargs: dict) -> Any:
+    """The traced implementation: the custom op where it applies, else the PyTorch reference."""
+    tensors = _tensors((*args, *kwargs.values()))
+    on_device = all(t.is_cuda for t in tensors) or _compiled_kernels_on_cpu()
+    if entry.compiled is not None and on_device and _compiled_kernels_allowed() and entry.kernel_covers(*args, **kwargs):
+        return entry.compiled(*args, **kwargs)
+    return entry.torch_impl(*args, **kwargs)
+
+
 def register_kernel(
     name: str,
     torch_impl: Callable[..., Any],
     triton_impl: str | None = None,
     covers: Callable[..., bool] | str | None = None,
+    compiled: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """Add op ``name`` to ``KERNELS`` and return its dispatched function (same signature as ``torch_impl``).
 
     ``triton_impl`` is ``"module:function"`` in ``kron_transformers.kernels`` (imported lazily, so Triton is
     only needed when it runs); ``covers(*args, **kwargs)`` says whether the kernel supports those arguments
-    (default: all); like ``triton_impl`` it may be a lazily imported ``"module:function"``.
+    (default: all); like ``triton_impl`` it may be a lazily imported ``"module:function"``. ``compiled`` is what
+    ``torch.compile`` traces instead of ``torch_impl`` where the kernel applies: a function calling ``torch.library``
+    custom ops (importable without Triton); ``covers`` must then be a callable.
     Registering a name again replaces the entry.
     """
-    entry = KernelEntry(name, torch_impl, triton_impl, covers if covers is not None else (lambda *a, **k: True))
+    entry = KernelEntry(
+        name, torch_impl, triton_impl, covers if covers is not None else (lambda *a, **k: True), compiled
+    )
     KERNELS[name] = entry
 
     @functools.wraps(torch_impl)
     def dispatched(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() or entry.triton_impl is None:
+        if torch.compiler.is_compiling():
+            return _compiled_call(entry, args, kwargs)
+        if entry.triton_impl is None:
             return entry.torch_impl(*args, **kwargs)
         tensors = _tensors((*args, *kwargs.values()))
         if selected_backend(*tensors) == "torch":

@@ -11,19 +11,16 @@ from collections.abc import Sequence
 
 import torch
 
-from . import block_sparse_ops, tensor_train, torch_ops
+from . import block_sparse_ops, library_ops, tensor_train, torch_ops
 from .dispatch import register_kernel
 
 
 KRON_LINEAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KRON_LINEAR_MAX_CONTRACTED = 256  # b1 (forward) and a1 (input gradient) are held whole in registers
 
 
 def covers_kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: int) -> bool:
-    """Order 2, one supported dtype for ``x`` and the factors, ``a1, b1 <= 256``."""
-    if len(factors) != 2 or x.dtype not in KRON_LINEAR_DTYPES or any(f.dtype != x.dtype for f in factors):
-        return False
-    return max(factors[0].shape[1:]) <= KRON_LINEAR_MAX_CONTRACTED
+    """Order 2 and one supported dtype for ``x`` and the factors (any sizes: every dimension is tiled)."""
+    return len(factors) == 2 and x.dtype in KRON_LINEAR_DTYPES and all(f.dtype == x.dtype for f in factors)
 
 
 def covers_kpd_matmul(
@@ -46,9 +43,11 @@ def covers_block_sparse_matmul(
 
 
 kron_matmul = register_kernel(
-    "kron_matmul", torch_ops.kron_matmul, "triton_kron_linear:kron_matmul", covers_kron_matmul
+    "kron_matmul", torch_ops.kron_matmul, "library_ops:kron_matmul", covers_kron_matmul, library_ops.kron_matmul
 )
-kpd_matmul = register_kernel("kpd_matmul", torch_ops.kpd_matmul, "triton_kron_linear:kpd_matmul", covers_kpd_matmul)
+kpd_matmul = register_kernel(
+    "kpd_matmul", torch_ops.kpd_matmul, "library_ops:kpd_matmul", covers_kpd_matmul, library_ops.kpd_matmul
+)
 kron_gather_rows = register_kernel(
     "kron_gather_rows",
     torch_ops.kron_gather_rows,

@@ -30,9 +30,19 @@ import triton.language as tl
 from .dispatch import triton_interpreted
 
 
-REGISTER_TILE_ELEMENTS = 8192  # fp32 values per register tile (T, X and the accumulator)
-NUM_WARPS = 8  # 256 threads: 32 registers per thread per full tile
 MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16 on tensor cores
+# Tile caps and the fp32 values per register-resident tile (the accumulator, T and U; a tile of E fp32 values costs
+# E / (32 * NUM_WARPS) registers per thread), by input dtype. fp32 inputs also keep fp32 operand copies and, in IEEE mode, the
+# FMA dot's operand broadcasts, so their tiles are smaller. Chosen so that no kernel spills at any preset shape
+# (tests/test_kernel_compile.py compiles them all for sm_90 and reads the register use back).
+NUM_WARPS = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 8}
+TILE_CAPS = {
+    torch.float32: dict(BLOCK_B1=16, BLOCK_A1=32, BLOCK_A2=32, BLOCK_K=32, elements=2048),
+    torch.float16: dict(BLOCK_B1=32, BLOCK_A1=64, BLOCK_A2=32, BLOCK_K=32, elements=8192),
+    torch.bfloat16: dict(BLOCK_B1=32, BLOCK_A1=64, BLOCK_A2=32, BLOCK_K=32, elements=8192),
+}
+MAX_BLOCK_ROWS = 16
+SMALL_BLOCK = 8  # a2, b2 <= 8 (KPD's 4x4 blocks): packed rows x a2 in the dot instead of padding a2, b2 to 16
 
 
 def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -41,29 +51,57 @@ def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) 
 
 
 @triton.jit
+def _load_x_chunk(
+    x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2,
+    BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``X[(j1, n), j2] = x[n, j1 * b2 + j2]`` of shape ``(BLOCK_B1 * BLOCK_N, BLOCK_K)`` (zeros outside)."""
+    cols = offs_j1[:, None, None] * b2 + offs_j2[None, None, :]
+    mask = (
+        (offs_j1[:, None, None] < b1)
+        & (rows[None, :, None] < n_rows)
+        & (offs_j2[None, None, :] < b2)
+        & (cols < in_features)
+    )
+    tile = tl.load(x_ptr + rows[None, :, None].to(tl.int64) * stride_xn + cols, mask=mask, other=0.0)
+    return tl.reshape(tile, (BLOCK_B1 * BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _kron_tile_product(
     x_ptr, b_ptr, k, rows, n_rows, in_features, stride_xn, stride_br, stride_bi, stride_bj,
-    b1, b2, a2, offs_j1, offs_i2,
-    B1P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A2: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    b1, b2, a2, offs_j1, offs_i2, x_first,
+    BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A2: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_K: tl.constexpr, SMALL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``T[(j1, n), i2] = sum_j2 X[n, j1 * b2 + j2] B_k[i2, j2]``, fp32 of shape ``(B1P * BLOCK_N, BLOCK_A2)``."""
-    t = tl.zeros((B1P * BLOCK_N, BLOCK_A2), dtype=tl.float32)
+    """``T[(j1, n), i2] = sum_j2 X[n, j1 * b2 + j2] B_k[i2, j2]``, fp32 of shape ``(BLOCK_B1 * BLOCK_N, BLOCK_A2)``.
+
+    ``ONE_K`` (``b2 <= BLOCK_K``): the caller's ``x_first`` is the whole input chunk, loaded once and reused for
+    every rank term; otherwise the input is streamed in ``BLOCK_K`` slices. ``SMALL`` (``a2, b2 <= 8``, tiles
+    not padded to the 16 of ``tl.dot``): the ``b2``-term sums are broadcast multiply-adds in registers.
+    """
+    if SMALL:
+        offs_j2 = tl.arange(0, BLOCK_K)
+        b_mask = (offs_i2[:, None] < a2) & (offs_j2[None, :] < b2)
+        b_tile = tl.load(
+            b_ptr + k * stride_br + offs_i2[:, None] * stride_bi + offs_j2[None, :] * stride_bj, mask=b_mask, other=0.0
+        )
+        x3 = tl.reshape(x_first, (BLOCK_B1 * BLOCK_N, 1, BLOCK_K)).to(tl.float32)
+        return tl.sum(x3 * b_tile.to(tl.float32)[None, :, :], axis=2)
+    t = tl.zeros((BLOCK_B1 * BLOCK_N, BLOCK_A2), dtype=tl.float32)
     for start in range(0, b2, BLOCK_K):
         offs_j2 = start + tl.arange(0, BLOCK_K)
-        cols = offs_j1[:, None, None] * b2 + offs_j2[None, None, :]
-        x_mask = (
-            (offs_j1[:, None, None] < b1)
-            & (rows[None, :, None] < n_rows)
-            & (offs_j2[None, None, :] < b2)
-            & (cols < in_features)
-        )
-        x_tile = tl.load(x_ptr + rows[None, :, None].to(tl.int64) * stride_xn + cols, mask=x_mask, other=0.0)
+        if ONE_K:
+            x_tile = x_first
+        else:
+            x_tile = _load_x_chunk(
+                x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2, BLOCK_B1, BLOCK_N, BLOCK_K
+            )
         b_mask = (offs_j2[:, None] < b2) & (offs_i2[None, :] < a2)
         b_tile = tl.load(
             b_ptr + k * stride_br + offs_i2[None, :] * stride_bi + offs_j2[:, None] * stride_bj, mask=b_mask, other=0.0
         )
-        t = tl.dot(tl.reshape(x_tile, (B1P * BLOCK_N, BLOCK_K)), b_tile, t, input_precision=PRECISION)
+        t = tl.dot(x_tile, b_tile, t, input_precision=PRECISION)
     return t
 
 
@@ -81,30 +119,67 @@ def _load_a_tile(
 
 
 @triton.jit
+def _load_dy_tile(
+    dy_ptr, rows, n_rows, out_features, stride_dyn, a1, a2, offs_i1, offs_i2,
+    BLOCK_A1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A2: tl.constexpr,
+):  # fmt: skip
+    """``dY[i1, (n, i2)] = dy[n, i1 * a2 + i2]`` of shape ``(BLOCK_A1, BLOCK_N * BLOCK_A2)`` (zeros outside)."""
+    out_cols = offs_i1[:, None, None] * a2 + offs_i2[None, None, :]
+    mask = (
+        (offs_i1[:, None, None] < a1)
+        & (rows[None, :, None] < n_rows)
+        & (offs_i2[None, None, :] < a2)
+        & (out_cols < out_features)
+    )
+    dy = tl.load(dy_ptr + rows[None, :, None].to(tl.int64) * stride_dyn + out_cols, mask=mask, other=0.0)
+    return tl.reshape(dy, (BLOCK_A1, BLOCK_N * BLOCK_A2))
+
+
+@triton.jit
 def kron_linear_forward_kernel(
     x_ptr, a_ptr, b_ptr, s_ptr, y_ptr,
-    n_rows, in_features, out_features, rank, a1, b1, a2, b2,
-    stride_xn, stride_yn, stride_ar, stride_ai, stride_aj, stride_br, stride_bi, stride_bj, stride_si, stride_sj,
-    HAS_SCALE: tl.constexpr, B1P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A1: tl.constexpr,
-    BLOCK_A2: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    n_rows, in_features, out_features, rank, a1, b1, a2, b2, rank_splits, ranks_per_split,
+    stride_xn, stride_ys, stride_yn, stride_ar, stride_ai, stride_aj, stride_br, stride_bi, stride_bj,
+    stride_si, stride_sj,
+    HAS_SCALE: tl.constexpr, BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A1: tl.constexpr,
+    BLOCK_A2: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr, SMALL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``Y[n, i1 * a2 + i2] = sum_k sum_j1 (S ⊙ A_k)[i1, j1] (X_n B_k^T)[j1, i2]`` for one (rows, i1, i2) tile."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """``Y[n, i1 * a2 + i2] = sum_k sum_j1 (S ⊙ A_k)[i1, j1] (X_n B_k^T)[j1, i2]`` for one (rows, i1, i2) tile.
+
+    Grid ``(row tiles * rank_splits, a1 tiles, a2 tiles)``: split ``s`` sums the rank terms
+    ``[s * ranks_per_split, (s + 1) * ranks_per_split)`` into ``y[s]`` (decode-size batches fill the device by
+    splitting the rank; the launcher sums the splits). ``j1`` is walked in ``BLOCK_B1`` chunks, so ``b1`` is
+    unbounded; per chunk the input tile is loaded once for all rank terms when ``b2 <= BLOCK_K``.
+    """
+    row_tile = tl.program_id(0) // rank_splits
+    split = tl.program_id(0) % rank_splits
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_i1 = tl.program_id(1) * BLOCK_A1 + tl.arange(0, BLOCK_A1)
     offs_i2 = tl.program_id(2) * BLOCK_A2 + tl.arange(0, BLOCK_A2)
-    offs_j1 = tl.arange(0, B1P)
+    rank_start = split * ranks_per_split
+    rank_end = tl.minimum(rank, rank_start + ranks_per_split)
     acc = tl.zeros((BLOCK_A1, BLOCK_N * BLOCK_A2), dtype=tl.float32)
-    for k in range(rank):
-        t = _kron_tile_product(
-            x_ptr, b_ptr, k, rows, n_rows, in_features, stride_xn, stride_br, stride_bi, stride_bj,
-            b1, b2, a2, offs_j1, offs_i2, B1P, BLOCK_N, BLOCK_A2, BLOCK_K, PRECISION,
-        )  # fmt: skip
-        a_tile = _load_a_tile(
-            a_ptr, s_ptr, k, offs_i1[:, None], offs_j1[None, :], a1, b1,
-            stride_ar, stride_ai, stride_aj, stride_si, stride_sj, HAS_SCALE,
-        )  # fmt: skip
-        t = tl.reshape(t, (B1P, BLOCK_N * BLOCK_A2)).to(x_ptr.dtype.element_ty)
-        acc = tl.dot(a_tile.to(x_ptr.dtype.element_ty), t, acc, input_precision=PRECISION)
+    for j1_start in range(0, b1, BLOCK_B1):
+        offs_j1 = j1_start + tl.arange(0, BLOCK_B1)
+        if ONE_K:
+            x_first = _load_x_chunk(
+                x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, tl.arange(0, BLOCK_K),
+                BLOCK_B1, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        else:
+            x_first = None
+        for k in range(rank_start, rank_end):
+            t = _kron_tile_product(
+                x_ptr, b_ptr, k, rows, n_rows, in_features, stride_xn, stride_br, stride_bi, stride_bj,
+                b1, b2, a2, offs_j1, offs_i2, x_first, BLOCK_B1, BLOCK_N, BLOCK_A2, BLOCK_K, ONE_K, SMALL, PRECISION,
+            )  # fmt: skip
+            a_tile = _load_a_tile(
+                a_ptr, s_ptr, k, offs_i1[:, None], offs_j1[None, :], a1, b1,
+                stride_ar, stride_ai, stride_aj, stride_si, stride_sj, HAS_SCALE,
+            )  # fmt: skip
+            t = tl.reshape(t, (BLOCK_B1, BLOCK_N * BLOCK_A2)).to(x_ptr.dtype.element_ty)
+            acc = tl.dot(a_tile.to(x_ptr.dtype.element_ty), t, acc, input_precision=PRECISION)
     out = tl.reshape(acc, (BLOCK_A1, BLOCK_N, BLOCK_A2))
     out_cols = offs_i1[:, None, None] * a2 + offs_i2[None, None, :]
     mask = (
@@ -113,46 +188,47 @@ def kron_linear_forward_kernel(
         & (offs_i2[None, None, :] < a2)
         & (out_cols < out_features)
     )
-    tl.store(
-        y_ptr + rows[None, :, None].to(tl.int64) * stride_yn + out_cols, out.to(y_ptr.dtype.element_ty), mask=mask
-    )
+    y_tile = y_ptr + split.to(tl.int64) * stride_ys + rows[None, :, None].to(tl.int64) * stride_yn + out_cols
+    tl.store(y_tile, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def kron_linear_grad_a_kernel(
     x_ptr, dy_ptr, b_ptr, partial_ptr,
-    n_rows, in_features, out_features, a1, b1, a2, b2, num_programs_n,
+    n_rows, in_features, out_features, a1, b1, a2, b2, num_programs_n, num_tiles_j1,
     stride_xn, stride_dyn, stride_br, stride_bi, stride_bj,
-    B1P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A1: tl.constexpr, BLOCK_A2: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A1: tl.constexpr, BLOCK_A2: tl.constexpr,
+    BLOCK_K: tl.constexpr, ONE_K: tl.constexpr, SMALL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Partial ``dA_k[i1, j1] = sum_n sum_i2 dY[n, i1 * a2 + i2] (X_n B_k^T)[j1, i2]`` over this program's row tiles.
 
-    Grid ``(P, r, a1 tiles)``; program ``p`` takes row tiles ``p, p + P, ...`` and writes ``partial[p, k]``.
+    Grid ``(P, r, a1 tiles * b1 tiles)``; program ``p`` takes row tiles ``p, p + P, ...`` and writes ``partial[p, k]``.
     """
     pid_p = tl.program_id(0)
     k = tl.program_id(1)
-    offs_i1 = tl.program_id(2) * BLOCK_A1 + tl.arange(0, BLOCK_A1)
-    offs_j1 = tl.arange(0, B1P)
-    acc = tl.zeros((BLOCK_A1, B1P), dtype=tl.float32)
+    offs_i1 = (tl.program_id(2) // num_tiles_j1) * BLOCK_A1 + tl.arange(0, BLOCK_A1)
+    offs_j1 = (tl.program_id(2) % num_tiles_j1) * BLOCK_B1 + tl.arange(0, BLOCK_B1)
+    acc = tl.zeros((BLOCK_A1, BLOCK_B1), dtype=tl.float32)
     for tile in range(pid_p, tl.cdiv(n_rows, BLOCK_N), num_programs_n):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ONE_K:
+            x_first = _load_x_chunk(
+                x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, tl.arange(0, BLOCK_K),
+                BLOCK_B1, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        else:
+            x_first = None
         for start in range(0, a2, BLOCK_A2):
             offs_i2 = start + tl.arange(0, BLOCK_A2)
             t = _kron_tile_product(
                 x_ptr, b_ptr, k, rows, n_rows, in_features, stride_xn, stride_br, stride_bi, stride_bj,
-                b1, b2, a2, offs_j1, offs_i2, B1P, BLOCK_N, BLOCK_A2, BLOCK_K, PRECISION,
+                b1, b2, a2, offs_j1, offs_i2, x_first, BLOCK_B1, BLOCK_N, BLOCK_A2, BLOCK_K, ONE_K, SMALL, PRECISION,
             )  # fmt: skip
-            t = tl.reshape(t, (B1P, BLOCK_N * BLOCK_A2)).to(dy_ptr.dtype.element_ty)
-            out_cols = offs_i1[:, None, None] * a2 + offs_i2[None, None, :]
-            dy_mask = (
-                (offs_i1[:, None, None] < a1)
-                & (rows[None, :, None] < n_rows)
-                & (offs_i2[None, None, :] < a2)
-                & (out_cols < out_features)
+            t = tl.reshape(t, (BLOCK_B1, BLOCK_N * BLOCK_A2)).to(dy_ptr.dtype.element_ty)
+            dy = _load_dy_tile(
+                dy_ptr, rows, n_rows, out_features, stride_dyn, a1, a2, offs_i1, offs_i2, BLOCK_A1, BLOCK_N, BLOCK_A2
             )
-            dy = tl.load(dy_ptr + rows[None, :, None].to(tl.int64) * stride_dyn + out_cols, mask=dy_mask, other=0.0)
-            acc = tl.dot(tl.reshape(dy, (BLOCK_A1, BLOCK_N * BLOCK_A2)), tl.trans(t), acc, input_precision=PRECISION)
+            acc = tl.dot(dy, tl.trans(t), acc, input_precision=PRECISION)
     rank = tl.num_programs(1)
     offsets = ((pid_p * rank + k) * a1 + offs_i1[:, None]) * b1 + offs_j1[None, :]
     tl.store(partial_ptr + offsets, acc, mask=(offs_i1[:, None] < a1) & (offs_j1[None, :] < b1))
@@ -163,60 +239,50 @@ def kron_linear_grad_b_kernel(
     x_ptr, dy_ptr, a_ptr, s_ptr, partial_ptr,
     n_rows, in_features, out_features, a1, b1, a2, b2, num_programs_n, num_tiles_j2,
     stride_xn, stride_dyn, stride_ar, stride_ai, stride_aj, stride_si, stride_sj,
-    HAS_SCALE: tl.constexpr, B1P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A1: tl.constexpr,
-    BLOCK_A2: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A1: tl.constexpr,
+    BLOCK_A2: tl.constexpr, BLOCK_K: tl.constexpr, SMALL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Partial ``dB_k[i2, j2] = sum_n sum_j1 ((S ⊙ A_k)^T dY_n)[j1, i2] X[n, j1 * b2 + j2]``.
 
-    Grid ``(P, r, a2 tiles * b2 tiles)``; program ``p`` takes row tiles ``p, p + P, ...`` and writes ``partial[p, k]``.
+    Grid ``(P, r, a2 tiles * b2 tiles)``; program ``p`` takes row tiles ``p, p + P, ...`` and writes ``partial[p, k]``;
+    ``U = (S ⊙ A_k)^T dY_n`` is formed ``BLOCK_B1`` rows of ``j1`` at a time.
     """
     pid_p = tl.program_id(0)
     k = tl.program_id(1)
     offs_i2 = (tl.program_id(2) // num_tiles_j2) * BLOCK_A2 + tl.arange(0, BLOCK_A2)
     offs_j2 = (tl.program_id(2) % num_tiles_j2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_j1 = tl.arange(0, B1P)
     acc = tl.zeros((BLOCK_A2, BLOCK_K), dtype=tl.float32)
     for tile in range(pid_p, tl.cdiv(n_rows, BLOCK_N), num_programs_n):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        u = tl.zeros((B1P, BLOCK_N * BLOCK_A2), dtype=tl.float32)
-        for start in range(0, a1, BLOCK_A1):
-            offs_i1 = start + tl.arange(0, BLOCK_A1)
-            a_tile_t = _load_a_tile(
-                a_ptr, s_ptr, k, offs_i1[None, :], offs_j1[:, None], a1, b1,
-                stride_ar, stride_ai, stride_aj, stride_si, stride_sj, HAS_SCALE,
-            )  # fmt: skip
-            out_cols = offs_i1[:, None, None] * a2 + offs_i2[None, None, :]
-            dy_mask = (
-                (offs_i1[:, None, None] < a1)
-                & (rows[None, :, None] < n_rows)
-                & (offs_i2[None, None, :] < a2)
-                & (out_cols < out_features)
+        for j1_start in range(0, b1, BLOCK_B1):
+            offs_j1 = j1_start + tl.arange(0, BLOCK_B1)
+            u = tl.zeros((BLOCK_B1, BLOCK_N * BLOCK_A2), dtype=tl.float32)
+            for start in range(0, a1, BLOCK_A1):
+                offs_i1 = start + tl.arange(0, BLOCK_A1)
+                a_tile_t = _load_a_tile(
+                    a_ptr, s_ptr, k, offs_i1[None, :], offs_j1[:, None], a1, b1,
+                    stride_ar, stride_ai, stride_aj, stride_si, stride_sj, HAS_SCALE,
+                )  # fmt: skip
+                dy = _load_dy_tile(
+                    dy_ptr, rows, n_rows, out_features, stride_dyn, a1, a2, offs_i1, offs_i2,
+                    BLOCK_A1, BLOCK_N, BLOCK_A2,
+                )  # fmt: skip
+                u = tl.dot(a_tile_t.to(dy_ptr.dtype.element_ty), dy, u, input_precision=PRECISION)
+            u = tl.reshape(u, (BLOCK_B1 * BLOCK_N, BLOCK_A2)).to(x_ptr.dtype.element_ty)
+            x_tile = _load_x_chunk(
+                x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2, BLOCK_B1, BLOCK_N, BLOCK_K
             )
-            dy = tl.load(dy_ptr + rows[None, :, None].to(tl.int64) * stride_dyn + out_cols, mask=dy_mask, other=0.0)
-            u = tl.dot(
-                a_tile_t.to(dy_ptr.dtype.element_ty),
-                tl.reshape(dy, (BLOCK_A1, BLOCK_N * BLOCK_A2)),
-                u,
-                input_precision=PRECISION,
-            )
-        u = tl.reshape(u, (B1P * BLOCK_N, BLOCK_A2)).to(x_ptr.dtype.element_ty)
-        cols = offs_j1[:, None, None] * b2 + offs_j2[None, None, :]
-        x_mask = (
-            (offs_j1[:, None, None] < b1)
-            & (rows[None, :, None] < n_rows)
-            & (offs_j2[None, None, :] < b2)
-            & (cols < in_features)
-        )
-        x_tile = tl.load(x_ptr + rows[None, :, None].to(tl.int64) * stride_xn + cols, mask=x_mask, other=0.0)
-        acc = tl.dot(tl.trans(u), tl.reshape(x_tile, (B1P * BLOCK_N, BLOCK_K)), acc, input_precision=PRECISION)
+            if SMALL:
+                acc += tl.sum(u.to(tl.float32)[:, :, None] * x_tile.to(tl.float32)[:, None, :], axis=0)
+            else:
+                acc = tl.dot(tl.trans(u), x_tile, acc, input_precision=PRECISION)
     rank = tl.num_programs(1)
     offsets = ((pid_p * rank + k) * a2 + offs_i2[:, None]) * b2 + offs_j2[None, :]
     tl.store(partial_ptr + offsets, acc, mask=(offs_i2[:, None] < a2) & (offs_j2[None, :] < b2))
 
 
-def _padded(size: int, cap: int | None = None) -> int:
-    block = max(MIN_DOT_SIZE, triton.next_power_of_2(max(size, 1)))
-    return min(block, cap) if cap is not None else block
+def _padded(size: int, cap: int, minimum: int = MIN_DOT_SIZE) -> int:
+    return min(max(minimum, triton.next_power_of_2(max(size, 1))), cap)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -224,12 +290,38 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def _block_rows(contracted: int, tile: int, n_rows: int, block_n: int | None) -> int:
-    """Rows per program: the largest power of two keeping ``contracted x rows x tile`` within the register budget."""
-    if block_n is not None:
-        return block_n
-    fit = max(1, REGISTER_TILE_ELEMENTS // (contracted * tile))
-    return max(1, min(16, triton.next_power_of_2(max(n_rows, 1)), 1 << (fit.bit_length() - 1)))
+def launch_blocks(
+    kernel: str, a1: int, b1: int, a2: int, b2: int, n_rows: int, dtype: torch.dtype, block_n: int | None = None
+) -> dict[str, int | bool]:
+    """The tile sizes (constexprs) ``kernel`` (``"forward"``, ``"grad_a"``, ``"grad_b"``) is launched with.
+
+    ``(a1, b1, a2, b2)`` are the factor sizes as the kernel sees them (the input gradient runs ``"forward"`` on the
+    transposed factors). Rows per program: the largest power of two (at most ``MAX_BLOCK_ROWS``) keeping every
+    register tile within ``TILE_CAPS[dtype]``; ``block_n`` overrides it (tests use it to exercise several row
+    tiles and partials at tiny sizes). Small second factors (``a2, b2 <= SMALL_BLOCK``) are not padded to 16:
+    ``SMALL`` kernels form ``X_n B_k^T`` by broadcast multiply-adds and pack ``16 / a2`` rows into each dot.
+    """
+    caps = TILE_CAPS[dtype]
+    sizes = dict(BLOCK_B1=b1, BLOCK_A1=a1, BLOCK_A2=a2, BLOCK_K=b2)
+    blocks = {name: _padded(size, caps[name]) for name, size in sizes.items()}
+    if kernel == "grad_b":
+        blocks["BLOCK_B1"] = _padded(b1, 16)
+    small = a2 <= SMALL_BLOCK and b2 <= SMALL_BLOCK
+    min_rows = 1
+    if small:  # rows x a2 form the dot's N dimension: at least 16 of them
+        blocks["BLOCK_A2"], blocks["BLOCK_K"] = _padded(a2, SMALL_BLOCK, 1), _padded(b2, SMALL_BLOCK, 1)
+        min_rows = MIN_DOT_SIZE // blocks["BLOCK_A2"]
+        per_row = max(blocks["BLOCK_B1"] * blocks["BLOCK_A2"] * blocks["BLOCK_K"], blocks["BLOCK_A1"] * blocks["BLOCK_A2"])
+    else:
+        per_row = max(blocks["BLOCK_B1"], blocks["BLOCK_A1"]) * max(blocks["BLOCK_A2"], blocks["BLOCK_K"])
+    if block_n is None:
+        fit = max(1, caps["elements"] // per_row)
+        block_n = max(1, min(MAX_BLOCK_ROWS, triton.next_power_of_2(max(n_rows, 1)), 1 << (fit.bit_length() - 1)))
+    blocks["BLOCK_N"] = max(block_n, min_rows)
+    blocks["SMALL"] = small
+    if kernel != "grad_b":
+        blocks["ONE_K"] = b2 <= blocks["BLOCK_K"]
+    return blocks
 
 
 def _num_partials(n_tiles: int, other_programs: int, device: torch.device) -> int:
@@ -240,6 +332,16 @@ def _num_partials(n_tiles: int, other_programs: int, device: torch.device) -> in
     return max(1, min(n_tiles, (4 * sms) // max(other_programs, 1)))
 
 
+def _rank_splits(rank: int, programs: int, device: torch.device, rank_splits: int | None) -> int:
+    """Rank splits of the forward: 1 unless the other grid dimensions leave the device's SMs idle (decode sizes)."""
+    if rank_splits is not None:
+        return max(1, min(rank, rank_splits))
+    if triton_interpreted() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(rank, sms // max(programs, 1)))
+
+
 def _launch_forward(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -247,30 +349,32 @@ def _launch_forward(
     scale: torch.Tensor | None,
     out_features: int,
     block_n: int | None,
+    rank_splits: int | None = None,
 ) -> torch.Tensor:
     """``x (N, in) -> (N, out_features)`` for factors given as (possibly transposed) strided views."""
     n_rows, in_features = x.shape
-    _, a1, b1 = a.shape
+    rank, a1, b1 = a.shape
     _, a2, b2 = b.shape
-    y = _new_buffer((n_rows, out_features), x.dtype, x.device)
     if n_rows == 0 or out_features == 0:
-        return y
-    b1_padded = _padded(b1)
-    block_a1 = _padded(a1, 64)
-    block_a2 = _padded(a2, 32)
-    block_k = _padded(b2, 32)
-    rows = _block_rows(max(b1_padded, block_a1), max(block_a2, block_k), n_rows, block_n)
-    grid = (triton.cdiv(n_rows, rows), triton.cdiv(a1, block_a1), triton.cdiv(a2, block_a2))
+        return _new_buffer((n_rows, out_features), x.dtype, x.device)
+    blocks = launch_blocks("forward", a1, b1, a2, b2, n_rows, x.dtype, block_n)
+    tiles = (triton.cdiv(n_rows, blocks["BLOCK_N"]), triton.cdiv(a1, blocks["BLOCK_A1"]), triton.cdiv(a2, blocks["BLOCK_A2"]))
+    splits = _rank_splits(rank, tiles[0] * tiles[1] * tiles[2], x.device, rank_splits)
+    ranks_per_split = triton.cdiv(rank, splits)
+    splits = triton.cdiv(rank, ranks_per_split)
+    if splits == 1:
+        y = _new_buffer((1, n_rows, out_features), x.dtype, x.device)
+    else:
+        y = _new_buffer((splits, n_rows, out_features), torch.float32, x.device)
     s = scale if scale is not None else a
     s_strides = (scale.stride(0), scale.stride(1)) if scale is not None else (0, 0)
-    kron_linear_forward_kernel[grid](
+    kron_linear_forward_kernel[(tiles[0] * splits, tiles[1], tiles[2])](
         x, a, b, s, y,
-        n_rows, in_features, out_features, a.shape[0], a1, b1, a2, b2,
-        x.stride(0), y.stride(0), *a.stride(), *b.stride(), *s_strides,
-        HAS_SCALE=scale is not None, B1P=b1_padded, BLOCK_N=rows, BLOCK_A1=block_a1,
-        BLOCK_A2=block_a2, BLOCK_K=block_k, PRECISION=_precision(x.dtype), num_warps=NUM_WARPS,
+        n_rows, in_features, out_features, rank, a1, b1, a2, b2, splits, ranks_per_split,
+        x.stride(0), y.stride(0), y.stride(1), *a.stride(), *b.stride(), *s_strides,
+        HAS_SCALE=scale is not None, PRECISION=_precision(x.dtype), num_warps=NUM_WARPS[x.dtype], **blocks,
     )  # fmt: skip
-    return y
+    return y[0] if splits == 1 else y.sum(0).to(x.dtype)
 
 
 def _launch_grad_factors(
@@ -289,29 +393,25 @@ def _launch_grad_factors(
     _, a2, b2 = b.shape
     out_features = dy.shape[1]
     grad_a = grad_b = None
-    b1_padded = _padded(b1)
-    block_a1 = _padded(a1, 64)
-    block_a2 = _padded(a2, 32)
-    block_k = _padded(b2, 32)
     precision = _precision(x.dtype)
     if need_a:
-        rows = _block_rows(max(b1_padded, block_a1), max(block_a2, block_k), n_rows, block_n)
-        tiles_a1 = triton.cdiv(a1, block_a1)
-        partials = _num_partials(triton.cdiv(n_rows, rows), rank * tiles_a1, x.device)
+        blocks = launch_blocks("grad_a", a1, b1, a2, b2, n_rows, x.dtype, block_n)
+        tiles_j1 = triton.cdiv(b1, blocks["BLOCK_B1"])
+        tiles = triton.cdiv(a1, blocks["BLOCK_A1"]) * tiles_j1
+        partials = _num_partials(triton.cdiv(n_rows, blocks["BLOCK_N"]), rank * tiles, x.device)
         partial = _new_buffer((partials, rank, a1, b1), torch.float32, x.device)
-        kron_linear_grad_a_kernel[(partials, rank, tiles_a1)](
+        kron_linear_grad_a_kernel[(partials, rank, tiles)](
             x, dy, b, partial,
-            n_rows, in_features, out_features, a1, b1, a2, b2, partials,
+            n_rows, in_features, out_features, a1, b1, a2, b2, partials, tiles_j1,
             x.stride(0), dy.stride(0), *b.stride(),
-            B1P=b1_padded, BLOCK_N=rows, BLOCK_A1=block_a1, BLOCK_A2=block_a2, BLOCK_K=block_k, PRECISION=precision,
-            num_warps=NUM_WARPS,
+            PRECISION=precision, num_warps=NUM_WARPS[x.dtype], **blocks,
         )  # fmt: skip
         grad_a = partial.sum(0)
     if need_b:
-        rows = _block_rows(max(b1_padded, block_a1), max(block_a2, block_k), n_rows, block_n)
-        tiles_j2 = triton.cdiv(b2, block_k)
-        tiles = triton.cdiv(a2, block_a2) * tiles_j2
-        partials = _num_partials(triton.cdiv(n_rows, rows), rank * tiles, x.device)
+        blocks = launch_blocks("grad_b", a1, b1, a2, b2, n_rows, x.dtype, block_n)
+        tiles_j2 = triton.cdiv(b2, blocks["BLOCK_K"])
+        tiles = triton.cdiv(a2, blocks["BLOCK_A2"]) * tiles_j2
+        partials = _num_partials(triton.cdiv(n_rows, blocks["BLOCK_N"]), rank * tiles, x.device)
         partial = _new_buffer((partials, rank, a2, b2), torch.float32, x.device)
         s = scale if scale is not None else a
         s_strides = (scale.stride(0), scale.stride(1)) if scale is not None else (0, 0)
@@ -319,103 +419,7 @@ def _launch_grad_factors(
             x, dy, a, s, partial,
             n_rows, in_features, out_features, a1, b1, a2, b2, partials, tiles_j2,
             x.stride(0), dy.stride(0), *a.stride(), *s_strides,
-            HAS_SCALE=scale is not None, B1P=b1_padded, BLOCK_N=rows, BLOCK_A1=block_a1, BLOCK_A2=block_a2,
-            BLOCK_K=block_k, PRECISION=precision, num_warps=NUM_WARPS,
+            HAS_SCALE=scale is not None, PRECISION=precision, num_warps=NUM_WARPS[x.dtype], **blocks,
         )  # fmt: skip
         grad_b = partial.sum(0)
     return grad_a, grad_b
-
-
-class KronLinearFunction(torch.autograd.Function):
-    """Autograd wrapper: forward and the three backward passes above (four with KPD's ``S``)."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor | None,
-        out_features: int,
-        block_n: int | None,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(x, a, b, scale)
-        ctx.block_n = block_n
-        return _launch_forward(x, a, b, scale, out_features, block_n)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, a, b, scale = ctx.saved_tensors
-        dy = dy.contiguous()
-        need_x, need_a, need_b, need_s = ctx.needs_input_grad[:4]
-        grad_x = grad_a = grad_b = grad_s = None
-        if need_x:
-            scale_t = scale.transpose(0, 1) if scale is not None else None
-            grad_x = _launch_forward(dy, a.transpose(1, 2), b.transpose(1, 2), scale_t, x.shape[1], ctx.block_n)
-        if need_a or need_b or need_s:
-            if x.shape[0] == 0:
-                grad_a_eff = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
-                grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
-            else:
-                grad_a_eff, grad_b = _launch_grad_factors(x, dy, a, b, scale, ctx.block_n, need_a or need_s, need_b)
-            if grad_a_eff is not None:
-                grad_a = grad_a_eff * scale if scale is not None else grad_a_eff
-                grad_s = (grad_a_eff * a).sum(0).to(scale.dtype) if need_s else None
-                grad_a = grad_a.to(a.dtype)
-            grad_b = grad_b.to(b.dtype) if need_b else None
-        return grad_x, grad_a, grad_b, grad_s, None, None
-
-
-def _check_factors(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None, out_features: int
-) -> None:
-    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"kron_linear: factors must be (r, a1, b1) and (r, a2, b2) with the same rank r, got "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if x.shape[-1] > a.shape[2] * b.shape[2]:
-        raise ValueError(
-            f"kron_linear: input has {x.shape[-1]} features but the factors take at most "
-            f"b1 * b2 = {a.shape[2] * b.shape[2]}"
-        )
-    if not 0 <= out_features <= a.shape[1] * b.shape[1]:
-        raise ValueError(
-            f"kron_linear: out_features must be in [0, a1 * a2 = {a.shape[1] * b.shape[1]}], got {out_features}"
-        )
-    if scale is not None and tuple(scale.shape) != tuple(a.shape[1:]):
-        raise ValueError(f"kron_linear: KPD scale S must have shape {tuple(a.shape[1:])}, got {tuple(scale.shape)}")
-
-
-def kron_linear(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    out_features: int,
-    scale: torch.Tensor | None = None,
-    block_n: int | None = None,
-) -> torch.Tensor:
-    """``x (..., in) -> (..., out_features)``: ``x (sum_k (S ⊙ A_k) ⊗ B_k)^T`` cropped, by the fused kernels.
-
-    ``a: (r, a1, b1)``, ``b: (r, a2, b2)``, optional KPD ``scale: (a1, b1)``; ``block_n`` fixes the rows per
-    program (tests use it to exercise several row tiles and partials at tiny sizes).
-    """
-    _check_factors(x, a, b, scale, out_features)
-    lead_shape = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    y = KronLinearFunction.apply(flat, a.contiguous(), b.contiguous(), scale, out_features, block_n)
-    return y.reshape(*lead_shape, out_features)
-
-
-def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: int) -> torch.Tensor:
-    """Fused ``torch_ops.kron_matmul`` for order 2 (same signature)."""
-    first, second = factors
-    return kron_linear(x, first, second, out_features)
-
-
-def kpd_matmul(
-    x: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_features: int
-) -> torch.Tensor:
-    """Fused ``x (sum_i (S ⊙ A_i) ⊗ B_i)^T`` (seed 001, eq. 3) with ``S`` applied inside the kernel."""
-    return kron_linear(x, a, b, out_features, scale=scale)

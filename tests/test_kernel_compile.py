@@ -1,0 +1,112 @@
+"""Every fused Kronecker-sum linear kernel (forward, input gradient, factor gradients), fp32/fp16/bf16, compiled
+ahead of time for sm_90 at the tile sizes its launcher picks for every preset shape (``kernel_shapes``) and for
+BERT-base / Llama-style layers: no register spills, and a table of registers and shared memory.
+
+The table prints with ``pytest -s`` and is written to ``$KRON_COMPILE_TABLE`` when set. The BERT/Llama shapes are
+marked ``slow`` (``-m slow``); the preset shapes run by default (about a minute uncached, seconds from Triton's cache).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+triton = pytest.importorskip("triton")
+
+from cuda_compile import compile_for_cuda  # noqa: E402
+from kernel_shapes import KronShape, large_layer_shapes, preset_shapes  # noqa: E402
+
+from kron_transformers.kernels.triton_kron_linear import NUM_WARPS, launch_blocks  # noqa: E402
+
+
+MODULE = "kron_transformers.kernels.triton_kron_linear"
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+WARPS = {name: NUM_WARPS[dtype] for dtype, name in DTYPES.items()}
+TRAINING_ROWS = 8192  # rows of a training batch (tiles are the same for any count >= 16)
+DECODE_ROWS = (1, 8)  # forward only
+MAX_REGISTERS = 255
+
+
+def _signature(dtype: str, pointers: list[str], scalars: list[str]) -> dict[str, str]:
+    partial = {"partial_ptr": "*fp32"}
+    return {p: partial.get(p, f"*{dtype}") for p in pointers} | {s: "i32" for s in scalars}
+
+
+FORWARD_ARGS = (
+    ["x_ptr", "a_ptr", "b_ptr", "s_ptr", "y_ptr"],
+    "n_rows in_features out_features rank a1 b1 a2 b2 rank_splits ranks_per_split stride_xn stride_ys stride_yn "
+    "stride_ar stride_ai stride_aj stride_br stride_bi stride_bj stride_si stride_sj".split(),
+)
+GRAD_A_ARGS = (
+    ["x_ptr", "dy_ptr", "b_ptr", "partial_ptr"],
+    "n_rows in_features out_features a1 b1 a2 b2 num_programs_n num_tiles_j1 stride_xn stride_dyn stride_br "
+    "stride_bi stride_bj".split(),
+)
+GRAD_B_ARGS = (
+    ["x_ptr", "dy_ptr", "a_ptr", "s_ptr", "partial_ptr"],
+    "n_rows in_features out_features a1 b1 a2 b2 num_programs_n num_tiles_j2 stride_xn stride_dyn stride_ar "
+    "stride_ai stride_aj stride_si stride_sj".split(),
+)
+KERNELS = {
+    "forward": ("kron_linear_forward_kernel", FORWARD_ARGS),
+    "grad_x": ("kron_linear_forward_kernel", FORWARD_ARGS),
+    "grad_a": ("kron_linear_grad_a_kernel", GRAD_A_ARGS),
+    "grad_b": ("kron_linear_grad_b_kernel", GRAD_B_ARGS),
+}
+
+
+def compile_cases(shapes: list[KronShape]) -> dict[tuple, list[str]]:
+    """``(pass, kernel, dtype, constexprs) -> labels of the shapes launching it`` (deduplicated compilations)."""
+    cases: dict[tuple, list[str]] = {}
+    for shape in shapes:
+        for dtype, dtype_name in DTYPES.items():
+            precision = "ieee" if dtype == torch.float32 else "tf32"
+            launches = [("forward", (shape.a1, shape.b1, shape.a2, shape.b2), rows) for rows in DECODE_ROWS]
+            launches += [("forward", (shape.a1, shape.b1, shape.a2, shape.b2), TRAINING_ROWS)]
+            launches += [("grad_x", (shape.b1, shape.a1, shape.b2, shape.a2), TRAINING_ROWS)]
+            launches += [(name, (shape.a1, shape.b1, shape.a2, shape.b2), TRAINING_ROWS) for name in ("grad_a", "grad_b")]
+            for name, sizes, rows in launches:
+                blocks = launch_blocks("forward" if name == "grad_x" else name, *sizes, rows, dtype)
+                if name != "grad_a":
+                    blocks["HAS_SCALE"] = shape.kpd
+                constexprs = tuple(sorted({**blocks, "PRECISION": precision}.items()))
+                cases.setdefault((name, dtype_name, constexprs), []).append(f"{shape.label} r{shape.rank} N={rows}")
+    return cases
+
+
+def _compile_and_check(shapes: list[KronShape]) -> None:
+    cases = compile_cases(shapes)
+    kernels = []
+    for name, dtype_name, constexprs in cases:
+        kernel, (pointers, scalars) = KERNELS[name]
+        kernels.append((MODULE, kernel, _signature(dtype_name, pointers, scalars), dict(constexprs), {"num_warps": WARPS[dtype_name]}))
+    usage = compile_for_cuda(kernels)
+    lines = ["| pass | dtype | tiles | registers | spill bytes | shared KB | shapes |", "|---|---|---|---|---|---|---|"]
+    for (name, dtype_name, constexprs), labels, used in zip(cases, cases.values(), usage):
+        tiles = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in constexprs if key != "PRECISION")
+        lines.append(
+            f"| {name} | {dtype_name} | {tiles} | {used['registers']} | {used['stack']} | "
+            f"{used['shared'] / 1024:.1f} | {'; '.join(labels[:3])}{' ...' if len(labels) > 3 else ''} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    if os.environ.get("KRON_COMPILE_TABLE"):
+        with open(os.environ["KRON_COMPILE_TABLE"], "a") as handle:
+            handle.write(table + "\n")
+    spilling = [line for line, used in zip(lines[2:], usage) if used["stack"] > 0]
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+    assert all(used["registers"] <= MAX_REGISTERS for used in usage)
+    assert all(used["shared"] <= 227 * 1024 for used in usage), "over the 227 KB of shared memory per block on sm_90"
+
+
+def test_preset_shapes_compile_without_spills():
+    """Every preset's Kronecker-sum linears and tied heads, training and decode tiles, three dtypes."""
+    _compile_and_check(preset_shapes())
+
+
+@pytest.mark.slow
+def test_bert_and_llama_layers_compile_without_spills():
+    _compile_and_check(large_layer_shapes())
