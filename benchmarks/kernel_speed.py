@@ -6,8 +6,8 @@ sizes), at batch x seq 8x128 and 64x512 (``--quick``: 8x128 only, fewer repeats)
 - ``dense``: ``nn.Linear``;
 - ``factored``: the PyTorch reference ``kernels.torch_ops.kron_matmul`` (``kpd_matmul`` for KPD);
 - ``materialized``: ``F.linear(x, W)`` with ``W`` built from the factors on every step;
-- ``triton``: the fused kernels (``kernels.triton_kron_linear``), only on CUDA; on CPU the column is skipped
-  (Triton runs there only interpreted, a correctness tool, not a timing).
+- ``triton``: the fused kernels (the ``kernels.library_ops`` custom ops over ``kernels.triton_kron_linear``), only
+  on CUDA; on CPU the column is skipped (Triton runs there only interpreted, a correctness tool, not a timing).
 
 Compressed layers: Shapeshifter ``KronLinear`` (balanced order-2 shapes, ``--rank``) and ``KPDLinear``
 (block ``--kpd-block``, rank ``--kpd-rank``, ``S`` folded into the kernel). Per row: median fwd+bwd time,
@@ -22,6 +22,9 @@ Run from the repository root::
 
     python benchmarks/kernel_speed.py --quick          # CPU: dense / factored / materialized only
     python benchmarks/kernel_speed.py --dtype bfloat16 # on a GPU: adds the Triton column
+    python benchmarks/kernel_speed.py --tokens 1,8,1024,8192 --markdown table.md  # 1 x N tokens, markdown rows
+
+``benchmarks/gpu_check.sh`` runs it for bf16 and fp32 and collects the markdown rows into one table.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kron_transformers import KPDLinear, KronLinear
-from kron_transformers.kernels import dispatch, torch_ops
+from kron_transformers.kernels import dispatch, library_ops, torch_ops
 
 
 WARMUP_STEPS = 2
@@ -147,9 +150,7 @@ def kron_paths(layer: KronLinear | KPDLinear) -> dict[str, Callable[[torch.Tenso
         }
         fused = ("kron_matmul", (factors,))
     if layer.bias.is_cuda and dispatch.triton_available():
-        from kron_transformers.kernels import triton_kron_linear
-
-        function = getattr(triton_kron_linear, fused[0])
+        function = getattr(library_ops, fused[0])
         paths["triton"] = lambda x: function(x, *fused[1], rows) + layer.bias
     return paths
 
@@ -266,6 +267,30 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in table[1:])])
 
 
+MARKDOWN_HEADER = (
+    "| device | dtype | layer | tokens | method | fwd+bwd ms | /dense | TFLOP/s | GB/s | roofline "
+    "| peak matmul TFLOP/s | peak copy GB/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def markdown_rows(rows: list[Row], device_name: str, dtype: str, peaks: Peaks) -> str:
+    """One markdown row per measurement (no header), with the device's measured peaks beside each."""
+    dense_ms = {(r.layer, r.tokens): r.milliseconds for r in rows if r.method == "dense"}
+    lines = []
+    for r in rows:
+        reference = dense_ms.get((r.layer, r.tokens))
+        if r.milliseconds is None:
+            cells = [r.note, "-", "-", "-", "-"]
+        else:
+            ratio = f"{r.milliseconds / reference:.2f}x" if reference else "-"
+            cells = [f"{r.milliseconds:.3f}", ratio, f"{r.tflops:.2f}", f"{r.gbps:.0f}", f"{100 * r.roofline:.0f}%"]
+        lines.append(
+            f"| {device_name} | {dtype} | {r.layer} | {r.tokens} | {r.method} | {' | '.join(cells)} "
+            f"| {peaks.tflops:.3g} | {peaks.gbps:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tokens 8x128 only and fewer repeats")
@@ -276,6 +301,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--kpd-rank", type=int, default=4, help="KPD rank (default 4)")
     parser.add_argument("--kpd-block", type=int, default=16, help="KPD square block size (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts N, run as 1 x N (e.g. 1,8,1024)")
+    parser.add_argument("--layers", default=None, help="comma-separated layer labels to keep (default: all)")
+    parser.add_argument("--markdown", default=None, help="append the rows as markdown to this file (header if empty)")
     arguments = parser.parse_args()
     arguments.repeats = arguments.repeats or (QUICK_REPEATS if arguments.quick else DEFAULT_REPEATS)
     return arguments
@@ -297,10 +325,22 @@ def main() -> None:
     print(f"act MiB: memory kept for backward beyond input and parameters ({memory})")
     started = time.perf_counter()
     rows = []
-    for tokens in QUICK_TOKENS if arguments.quick else TOKENS:
-        for label, in_features, out_features in LAYER_SIZES:
+    if arguments.tokens:
+        token_shapes = [(1, int(count)) for count in arguments.tokens.split(",")]
+    else:
+        token_shapes = QUICK_TOKENS if arguments.quick else TOKENS
+    layers = [size for size in LAYER_SIZES if not arguments.layers or size[0] in arguments.layers.split(",")]
+    if not layers:
+        raise SystemExit(f"--layers {arguments.layers!r} matches none of {[size[0] for size in LAYER_SIZES]}")
+    for tokens in token_shapes:
+        for label, in_features, out_features in layers:
             rows.extend(layer_rows(label, in_features, out_features, tokens, arguments, peaks))
     print(format_table(rows))
+    if arguments.markdown:
+        with open(arguments.markdown, "a") as handle:
+            if handle.tell() == 0:
+                handle.write(MARKDOWN_HEADER)
+            handle.write(markdown_rows(rows, name, arguments.dtype, peaks))
     print(f"total {time.perf_counter() - started:.1f} s")
 
 

@@ -87,21 +87,24 @@ def _kron_tile_product(
             b_ptr + k * stride_br + offs_i2[:, None] * stride_bi + offs_j2[None, :] * stride_bj, mask=b_mask, other=0.0
         )
         x3 = tl.reshape(x_first, (BLOCK_B1 * BLOCK_N, 1, BLOCK_K)).to(tl.float32)
-        return tl.sum(x3 * b_tile.to(tl.float32)[None, :, :], axis=2)
-    t = tl.zeros((BLOCK_B1 * BLOCK_N, BLOCK_A2), dtype=tl.float32)
-    for start in range(0, b2, BLOCK_K):
-        offs_j2 = start + tl.arange(0, BLOCK_K)
-        if ONE_K:
-            x_tile = x_first
-        else:
-            x_tile = _load_x_chunk(
-                x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2, BLOCK_B1, BLOCK_N, BLOCK_K
+        t = tl.sum(x3 * b_tile.to(tl.float32)[None, :, :], axis=2)
+    else:
+        t = tl.zeros((BLOCK_B1 * BLOCK_N, BLOCK_A2), dtype=tl.float32)
+        for start in range(0, b2, BLOCK_K):
+            offs_j2 = start + tl.arange(0, BLOCK_K)
+            if ONE_K:
+                x_tile = x_first
+            else:
+                x_tile = _load_x_chunk(
+                    x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2, BLOCK_B1, BLOCK_N, BLOCK_K
+                )
+            b_mask = (offs_j2[:, None] < b2) & (offs_i2[None, :] < a2)
+            b_tile = tl.load(
+                b_ptr + k * stride_br + offs_i2[None, :] * stride_bi + offs_j2[:, None] * stride_bj,
+                mask=b_mask,
+                other=0.0,
             )
-        b_mask = (offs_j2[:, None] < b2) & (offs_i2[None, :] < a2)
-        b_tile = tl.load(
-            b_ptr + k * stride_br + offs_i2[None, :] * stride_bi + offs_j2[:, None] * stride_bj, mask=b_mask, other=0.0
-        )
-        t = tl.dot(x_tile, b_tile, t, input_precision=PRECISION)
+            t = tl.dot(x_tile, b_tile, t, input_precision=PRECISION)
     return t
 
 
