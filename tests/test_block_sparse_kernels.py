@@ -105,3 +105,25 @@ class TestTritonBlockSparse:
             0,
             6,
         )
+
+
+def test_kernel_compiles_for_cuda_without_spills():
+    """sm_90 ahead of time (no GPU needed), at the launcher's tiles for the KPD presets' 4x4 blocks and for 64x64
+    blocks, 8 and 4096 rows."""
+    pytest.importorskip("triton")
+    from cuda_compile import compile_for_cuda
+
+    from kron_transformers.kernels.triton_block_sparse import NUM_WARPS, launch_blocks
+
+    kernels = []
+    for dtype, name, precision in ((torch.float32, "fp32", "ieee"), (torch.bfloat16, "bf16", "tf32")):
+        pointers = dict(x_ptr=f"*{name}", values_ptr=f"*{name}", crow_ptr="*i64", col_ptr="*i64", y_ptr=f"*{name}")
+        scalars = dict.fromkeys(["n_rows", "block_rows", "block_cols", "stride_xn", "stride_yn"], "i32")
+        configs = {tuple(launch_blocks(block, block, rows, dtype).items()) for block in (4, 64) for rows in (8, 4096)}
+        for blocks in sorted(configs):
+            kernels.append(
+                ("kron_transformers.kernels.triton_block_sparse", "block_sparse_matmul_kernel", pointers | scalars,
+                 dict(blocks, PRECISION=precision), {"num_warps": NUM_WARPS})
+            )  # fmt: skip
+    usage = compile_for_cuda(kernels)
+    assert [used["stack"] for used in usage] == [0] * len(kernels), usage

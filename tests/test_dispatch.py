@@ -232,7 +232,8 @@ def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):
 
 @pytest.mark.parametrize("env", [None, "triton"])
 def test_compile_fullgraph_has_no_graph_break(backend, env):
-    """Under ``torch.compile`` the PyTorch path is traced whatever the env var says (Inductor fuses it)."""
+    """No graph break under ``torch.compile``: ``auto`` on CPU traces the PyTorch path; ``triton`` (interpreted here)
+    traces the ``kron_transformers::kron_linear`` custom op (``tests/test_library_ops.py`` checks which)."""
     backend(env)
     torch.manual_seed(0)
     layer = KronLinear(64, 63, rank=2, factor_shapes=[(8, 8), (8, 8)])

@@ -170,7 +170,7 @@ def test_kernels_compile_for_cuda():
         splits="i32",
     )
     module = "kron_transformers.kernels.triton_gather"
-    compile_for_cuda(
+    usage = compile_for_cuda(
         [
             (module, "_kron_gather_forward_kernel", forward, blocks),
             (module, "_kron_gather_backward_kernel", backward, dict(blocks, BLOCK_BJ=128)),
@@ -182,3 +182,4 @@ def test_kernels_compile_for_cuda():
             ),
         ]
     )
+    assert [used["stack"] for used in usage] == [0] * len(usage), f"register spills: {usage}"

@@ -260,9 +260,10 @@ def test_kernels_compile_for_cuda():
         **scalars,
     )
     module = "kron_transformers.kernels.triton_tensor_train"
-    compile_for_cuda(
+    usage = compile_for_cuda(
         [
             (module, "_tt_forward_kernel", forward, dict(blocks, POOLED=True, HAS_WEIGHTS=True, MEAN=True)),
             (module, "_tt_backward_kernel", backward, dict(blocks, BLOCK_N=128)),
         ]
     )
+    assert [used["stack"] for used in usage] == [0] * len(usage), f"register spills: {usage}"

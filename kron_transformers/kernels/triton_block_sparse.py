@@ -50,6 +50,22 @@ def block_sparse_matmul_kernel(
     tl.store(out_ptr, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+NUM_WARPS = 8
+MAX_TILE = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}  # 64-wide fp32 tiles spill (IEEE FMA dot)
+
+
+def launch_blocks(
+    block_rows: int, block_cols: int, n_rows: int, dtype: torch.dtype, block_n: int | None = None
+) -> dict[str, int]:
+    """Tile sizes (constexprs): rows, block rows and block columns, each a power of two in ``[16, MAX_TILE]``."""
+    cap = MAX_TILE[dtype]
+    return dict(
+        BLOCK_N=block_n if block_n is not None else min(cap, max(MIN_DOT_SIZE, triton.next_power_of_2(n_rows))),
+        BLOCK_M=min(max(MIN_DOT_SIZE, triton.next_power_of_2(block_rows)), cap),
+        BLOCK_K=min(max(MIN_DOT_SIZE, triton.next_power_of_2(block_cols)), cap),
+    )
+
+
 def block_sparse_matmul(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -71,13 +87,13 @@ def block_sparse_matmul(
     n_rows = flat.shape[0]
     y = _new_buffer((n_rows, out_features), x.dtype, x.device)
     if n_rows and out_features:
-        block_m = min(max(MIN_DOT_SIZE, triton.next_power_of_2(block_rows)), 64)
-        block_k = min(max(MIN_DOT_SIZE, triton.next_power_of_2(block_cols)), 64)
-        rows = block_n if block_n is not None else min(64, max(MIN_DOT_SIZE, triton.next_power_of_2(n_rows)))
-        grid = (triton.cdiv(n_rows, rows), out_features // block_rows, triton.cdiv(block_rows, block_m))
+        blocks = launch_blocks(block_rows, block_cols, n_rows, x.dtype, block_n)
+        grid = (
+            triton.cdiv(n_rows, blocks["BLOCK_N"]), out_features // block_rows, triton.cdiv(block_rows, blocks["BLOCK_M"])
+        )
         block_sparse_matmul_kernel[grid](
             flat, values.contiguous(), crow_indices.contiguous(), col_indices.contiguous(), y,
             n_rows, block_rows, block_cols, flat.stride(0), y.stride(0),
-            BLOCK_N=rows, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x.dtype),
+            PRECISION=_precision(x.dtype), num_warps=NUM_WARPS, **blocks,
         )  # fmt: skip
     return y.reshape(*lead_shape, out_features)

@@ -36,11 +36,20 @@ MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16 on tensor cores
 # FMA dot's operand broadcasts, so their tiles are smaller. Chosen so that no kernel spills at any preset shape
 # (tests/test_kernel_compile.py compiles them all for sm_90 and reads the register use back).
 NUM_WARPS = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 8}
+# ``streamed_k`` and ``streamed_elements``: the ``BLOCK_K`` slice and the tile budget when ``b2`` does not fit one
+# tile; ``min_rows``: the fewest rows per program (one-row fp32 tiles, 32-wide streamed fp32 slices and 2048-element
+# streamed fp32 tiles made ptxas spill a few bytes).
 TILE_CAPS = {
-    torch.float32: dict(BLOCK_B1=16, BLOCK_A1=32, BLOCK_A2=32, BLOCK_K=32, elements=2048),
-    torch.float16: dict(BLOCK_B1=32, BLOCK_A1=64, BLOCK_A2=32, BLOCK_K=32, elements=8192),
-    torch.bfloat16: dict(BLOCK_B1=32, BLOCK_A1=64, BLOCK_A2=32, BLOCK_K=32, elements=8192),
+    torch.float32: dict(
+        BLOCK_B1=16, BLOCK_A1=32, BLOCK_A2=32, BLOCK_K=32, elements=2048, streamed_k=16, streamed_elements=1024,
+        min_rows=2,
+    ),
+    torch.float16: dict(
+        BLOCK_B1=32, BLOCK_A1=64, BLOCK_A2=32, BLOCK_K=32, elements=8192, streamed_k=32, streamed_elements=8192,
+        min_rows=1,
+    ),
 }
+TILE_CAPS[torch.bfloat16] = TILE_CAPS[torch.float16]
 MAX_BLOCK_ROWS = 16
 SMALL_BLOCK = 8  # a2, b2 <= 8 (KPD's 4x4 blocks): packed rows x a2 in the dot instead of padding a2, b2 to 16
 
@@ -310,17 +319,21 @@ def launch_blocks(
     if kernel == "grad_b":
         blocks["BLOCK_B1"] = _padded(b1, 16)
     small = a2 <= SMALL_BLOCK and b2 <= SMALL_BLOCK
-    min_rows = 1
+    streamed = kernel != "grad_b" and b2 > blocks["BLOCK_K"]
+    if streamed:
+        blocks["BLOCK_K"] = caps["streamed_k"]
+    dot_rows = 1
     if small:  # rows x a2 form the dot's N dimension: at least 16 of them
         blocks["BLOCK_A2"], blocks["BLOCK_K"] = _padded(a2, SMALL_BLOCK, 1), _padded(b2, SMALL_BLOCK, 1)
-        min_rows = MIN_DOT_SIZE // blocks["BLOCK_A2"]
+        dot_rows = MIN_DOT_SIZE // blocks["BLOCK_A2"]
         per_row = max(blocks["BLOCK_B1"] * blocks["BLOCK_A2"] * blocks["BLOCK_K"], blocks["BLOCK_A1"] * blocks["BLOCK_A2"])
     else:
         per_row = max(blocks["BLOCK_B1"], blocks["BLOCK_A1"]) * max(blocks["BLOCK_A2"], blocks["BLOCK_K"])
     if block_n is None:
-        fit = max(1, caps["elements"] // per_row)
-        block_n = max(1, min(MAX_BLOCK_ROWS, triton.next_power_of_2(max(n_rows, 1)), 1 << (fit.bit_length() - 1)))
-    blocks["BLOCK_N"] = max(block_n, min_rows)
+        fit = max(1, caps["streamed_elements" if streamed else "elements"] // per_row)
+        block_n = min(MAX_BLOCK_ROWS, triton.next_power_of_2(max(n_rows, 1)), 1 << (fit.bit_length() - 1))
+        block_n = max(block_n, caps["min_rows"])
+    blocks["BLOCK_N"] = max(block_n, dot_rows)
     blocks["SMALL"] = small
     if kernel != "grad_b":
         blocks["ONE_K"] = b2 <= blocks["BLOCK_K"]
