@@ -4,10 +4,13 @@ Seed 003 section 4.3 (Shapeshifter), seed 001 eq. 3 (KPD, ``A_k -> S ⊙ A_k``).
 ``X_n`` of shape ``(b1, b2)`` (``torch.kron`` order, padded with zeros to ``b1 * b2`` columns),
 ``Y_n = sum_k A_k X_n B_k^T`` of shape ``(a1, a2)``, cropped to ``out_features`` (DESIGN.md, "The math").
 
-Forward, one launch: each program owns a tile of rows and output columns; per rank term it forms
-``T = X_n B_k^T`` for its rows in registers (``(b1 * rows, a2-tile)``, laid out so that the second product is a
-plain 2-D ``tl.dot``) and accumulates ``A_k T`` in fp32; the ``(N, r * b1 * a2)`` intermediate of the PyTorch
-path never reaches global memory. Backward:
+Forward, one launch: each program owns a tile of rows and output columns; per chunk of ``j1`` (any ``b1``) and
+rank term it forms ``T = X_n B_k^T`` for its rows in registers (``(b1-chunk * rows, a2-tile)``, laid out so that
+the second product is a plain 2-D ``tl.dot``) and accumulates ``A_k T`` in fp32; the ``(N, r * b1 * a2)``
+intermediate of the PyTorch path never reaches global memory. The input chunk is loaded once for all rank terms
+when ``b2`` fits one tile; small ``B_k`` (``a2, b2 <= 8``) form ``T`` by broadcast multiply-adds and pack
+``16 / a2`` rows into the dot instead of padding ``a2, b2`` to 16; decode-size batches split the rank over
+programs. Backward:
 
 - ``dX_n = sum_k A_k^T dY_n B_k``: the forward kernel on the transposed factors (free: strides);
 - ``dA_k = sum_n dY_n (X_n B_k^T)^T`` and ``dB_k = sum_n (A_k^T dY_n)^T X_n``: each program reduces a strided
@@ -60,20 +63,41 @@ def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) 
 
 
 @triton.jit
-def _load_x_chunk(
-    x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2,
-    BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """``X[(j1, n), j2] = x[n, j1 * b2 + j2]`` of shape ``(BLOCK_B1 * BLOCK_N, BLOCK_K)`` (zeros outside)."""
-    cols = offs_j1[:, None, None] * b2 + offs_j2[None, None, :]
+def _row_block_grid(rows, n_rows, features, stride, offs_outer, outer, offs_inner, inner):
+    """Offsets and mask of ``t[o, n, i] = m[n, o * inner + i]`` for a row-major ``m`` with ``features`` columns."""
+    cols = offs_outer[:, None, None] * inner + offs_inner[None, None, :]
     mask = (
-        (offs_j1[:, None, None] < b1)
+        (offs_outer[:, None, None] < outer)
         & (rows[None, :, None] < n_rows)
-        & (offs_j2[None, None, :] < b2)
-        & (cols < in_features)
+        & (offs_inner[None, None, :] < inner)
+        & (cols < features)
     )
-    tile = tl.load(x_ptr + rows[None, :, None].to(tl.int64) * stride_xn + cols, mask=mask, other=0.0)
-    return tl.reshape(tile, (BLOCK_B1 * BLOCK_N, BLOCK_K))
+    return rows[None, :, None].to(tl.int64) * stride + cols, mask
+
+
+@triton.jit
+def _load_row_blocks(
+    ptr, rows, n_rows, features, stride, outer, inner, offs_outer, offs_inner,
+    BLOCK_OUTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_INNER: tl.constexpr,
+):  # fmt: skip
+    """``T[(o, n), i] = m[n, o * inner + i]`` of shape ``(BLOCK_OUTER * BLOCK_N, BLOCK_INNER)`` (zeros outside):
+    the input chunk ``X[(j1, n), j2]`` and, reshaped, the output-gradient tile ``dY[i1, (n, i2)]``."""
+    offsets, mask = _row_block_grid(rows, n_rows, features, stride, offs_outer, outer, offs_inner, inner)
+    return tl.reshape(tl.load(ptr + offsets, mask=mask, other=0.0), (BLOCK_OUTER * BLOCK_N, BLOCK_INNER))
+
+
+@triton.jit
+def _input_for_every_term(
+    x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1,
+    BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
+):  # fmt: skip
+    """With ``ONE_K``, the whole input chunk ``X[(j1, n), :]``, loaded once and reused by every rank term; else None."""
+    x_first = None
+    if ONE_K:
+        x_first = _load_row_blocks(
+            x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, tl.arange(0, BLOCK_K), BLOCK_B1, BLOCK_N, BLOCK_K
+        )
+    return x_first
 
 
 @triton.jit
@@ -104,7 +128,7 @@ def _kron_tile_product(
             if ONE_K:
                 x_tile = x_first
             else:
-                x_tile = _load_x_chunk(
+                x_tile = _load_row_blocks(
                     x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2, BLOCK_B1, BLOCK_N, BLOCK_K
                 )
             b_mask = (offs_j2[:, None] < b2) & (offs_i2[None, :] < a2)
@@ -128,23 +152,6 @@ def _load_a_tile(
     if HAS_SCALE:
         a_tile = a_tile * tl.load(s_ptr + offs_i * stride_si + offs_j * stride_sj, mask=mask, other=0.0)
     return a_tile
-
-
-@triton.jit
-def _load_dy_tile(
-    dy_ptr, rows, n_rows, out_features, stride_dyn, a1, a2, offs_i1, offs_i2,
-    BLOCK_A1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A2: tl.constexpr,
-):  # fmt: skip
-    """``dY[i1, (n, i2)] = dy[n, i1 * a2 + i2]`` of shape ``(BLOCK_A1, BLOCK_N * BLOCK_A2)`` (zeros outside)."""
-    out_cols = offs_i1[:, None, None] * a2 + offs_i2[None, None, :]
-    mask = (
-        (offs_i1[:, None, None] < a1)
-        & (rows[None, :, None] < n_rows)
-        & (offs_i2[None, None, :] < a2)
-        & (out_cols < out_features)
-    )
-    dy = tl.load(dy_ptr + rows[None, :, None].to(tl.int64) * stride_dyn + out_cols, mask=mask, other=0.0)
-    return tl.reshape(dy, (BLOCK_A1, BLOCK_N * BLOCK_A2))
 
 
 @triton.jit
@@ -174,13 +181,9 @@ def kron_linear_forward_kernel(
     acc = tl.zeros((BLOCK_A1, BLOCK_N * BLOCK_A2), dtype=tl.float32)
     for j1_start in range(0, b1, BLOCK_B1):
         offs_j1 = j1_start + tl.arange(0, BLOCK_B1)
-        if ONE_K:
-            x_first = _load_x_chunk(
-                x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, tl.arange(0, BLOCK_K),
-                BLOCK_B1, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-        else:
-            x_first = None
+        x_first = _input_for_every_term(
+            x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, BLOCK_B1, BLOCK_N, BLOCK_K, ONE_K
+        )
         for k in range(rank_start, rank_end):
             t = _kron_tile_product(
                 x_ptr, b_ptr, k, rows, n_rows, in_features, stride_xn, stride_br, stride_bi, stride_bj,
@@ -193,15 +196,8 @@ def kron_linear_forward_kernel(
             t = tl.reshape(t, (BLOCK_B1, BLOCK_N * BLOCK_A2)).to(x_ptr.dtype.element_ty)
             acc = tl.dot(a_tile.to(x_ptr.dtype.element_ty), t, acc, input_precision=PRECISION)
     out = tl.reshape(acc, (BLOCK_A1, BLOCK_N, BLOCK_A2))
-    out_cols = offs_i1[:, None, None] * a2 + offs_i2[None, None, :]
-    mask = (
-        (offs_i1[:, None, None] < a1)
-        & (rows[None, :, None] < n_rows)
-        & (offs_i2[None, None, :] < a2)
-        & (out_cols < out_features)
-    )
-    y_tile = y_ptr + split.to(tl.int64) * stride_ys + rows[None, :, None].to(tl.int64) * stride_yn + out_cols
-    tl.store(y_tile, out.to(y_ptr.dtype.element_ty), mask=mask)
+    offsets, mask = _row_block_grid(rows, n_rows, out_features, stride_yn, offs_i1, a1, offs_i2, a2)
+    tl.store(y_ptr + split.to(tl.int64) * stride_ys + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -223,13 +219,9 @@ def kron_linear_grad_a_kernel(
     acc = tl.zeros((BLOCK_A1, BLOCK_B1), dtype=tl.float32)
     for tile in range(pid_p, tl.cdiv(n_rows, BLOCK_N), num_programs_n):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        if ONE_K:
-            x_first = _load_x_chunk(
-                x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, tl.arange(0, BLOCK_K),
-                BLOCK_B1, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-        else:
-            x_first = None
+        x_first = _input_for_every_term(
+            x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, BLOCK_B1, BLOCK_N, BLOCK_K, ONE_K
+        )
         for start in range(0, a2, BLOCK_A2):
             offs_i2 = start + tl.arange(0, BLOCK_A2)
             t = _kron_tile_product(
@@ -237,9 +229,10 @@ def kron_linear_grad_a_kernel(
                 b1, b2, a2, offs_j1, offs_i2, x_first, BLOCK_B1, BLOCK_N, BLOCK_A2, BLOCK_K, ONE_K, SMALL, PRECISION,
             )  # fmt: skip
             t = tl.reshape(t, (BLOCK_B1, BLOCK_N * BLOCK_A2)).to(dy_ptr.dtype.element_ty)
-            dy = _load_dy_tile(
+            dy = _load_row_blocks(
                 dy_ptr, rows, n_rows, out_features, stride_dyn, a1, a2, offs_i1, offs_i2, BLOCK_A1, BLOCK_N, BLOCK_A2
             )
+            dy = tl.reshape(dy, (BLOCK_A1, BLOCK_N * BLOCK_A2))
             acc = tl.dot(dy, tl.trans(t), acc, input_precision=PRECISION)
     rank = tl.num_programs(1)
     offsets = ((pid_p * rank + k) * a1 + offs_i1[:, None]) * b1 + offs_j1[None, :]
@@ -275,13 +268,14 @@ def kron_linear_grad_b_kernel(
                     a_ptr, s_ptr, k, offs_i1[None, :], offs_j1[:, None], a1, b1,
                     stride_ar, stride_ai, stride_aj, stride_si, stride_sj, HAS_SCALE,
                 )  # fmt: skip
-                dy = _load_dy_tile(
+                dy = _load_row_blocks(
                     dy_ptr, rows, n_rows, out_features, stride_dyn, a1, a2, offs_i1, offs_i2,
                     BLOCK_A1, BLOCK_N, BLOCK_A2,
                 )  # fmt: skip
+                dy = tl.reshape(dy, (BLOCK_A1, BLOCK_N * BLOCK_A2))
                 u = tl.dot(a_tile_t.to(dy_ptr.dtype.element_ty), dy, u, input_precision=PRECISION)
             u = tl.reshape(u, (BLOCK_B1 * BLOCK_N, BLOCK_A2)).to(x_ptr.dtype.element_ty)
-            x_tile = _load_x_chunk(
+            x_tile = _load_row_blocks(
                 x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, offs_j2, BLOCK_B1, BLOCK_N, BLOCK_K
             )
             if SMALL:
