@@ -41,7 +41,9 @@ def _model_weights(defaults: dict, preset: str) -> dict[str, list[tuple[int, int
     model_type = defaults.get("model_config") or ("vit" if "kpd" in preset else "t5")
     if "model_config" in defaults:
         overrides = dict(item.split("=") for item in defaults.get("config_overrides", "").split(",") if item)
-        config = AutoConfig.for_model(model_type, **{k: float(v) if "." in v else int(v) for k, v in overrides.items()})
+        config = AutoConfig.for_model(
+            model_type, **{k: float(v) if "." in v else int(v) for k, v in overrides.items()}
+        )
     else:
         config = AutoConfig.for_model(**SMALL_MODELS[model_type])
     if model_type == "t5":

@@ -19,7 +19,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 def test_cpu_smoke_run_writes_one_markdown_table(tmp_path):
     environment = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        ["bash", str(SCRIPT), "--cpu-smoke", str(tmp_path)], env=environment, capture_output=True, text=True, timeout=300
+        ["bash", str(SCRIPT), "--cpu-smoke", str(tmp_path)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
@@ -27,6 +31,12 @@ def test_cpu_smoke_run_writes_one_markdown_table(tmp_path):
     assert report.count("| device | dtype | layer |") == 1
     rows = [line for line in report.splitlines() if line.startswith("| CPU")]
     methods = {line.split(" | ")[4] for line in rows}
-    assert methods == {"dense", "kron r16 factored", "kron r16 materialized", "kpd r4 b4 factored", "kpd r4 b4 materialized"}
+    assert methods == {
+        "dense",
+        "kron r16 factored",
+        "kron r16 materialized",
+        "kpd r4 b4 factored",
+        "kpd r4 b4 materialized",
+    }
     assert all(line.split(" | ")[3] == "1x8" for line in rows)
     assert "dry run, not run:" in report and "tests/test_triton_kron_linear.py" in report

@@ -73,7 +73,9 @@ def compile_cases(
             launches = [("forward", (shape.a1, shape.b1, shape.a2, shape.b2), rows) for rows in DECODE_ROWS if decode]
             launches += [("forward", (shape.a1, shape.b1, shape.a2, shape.b2), TRAINING_ROWS)]
             launches += [("grad_x", (shape.b1, shape.a1, shape.b2, shape.a2), TRAINING_ROWS)]
-            launches += [(name, (shape.a1, shape.b1, shape.a2, shape.b2), TRAINING_ROWS) for name in ("grad_a", "grad_b")]
+            launches += [
+                (name, (shape.a1, shape.b1, shape.a2, shape.b2), TRAINING_ROWS) for name in ("grad_a", "grad_b")
+            ]
             for name, sizes, rows in launches:
                 blocks = launch_blocks("forward" if name == "grad_x" else name, *sizes, rows, dtype)
                 if name != "grad_a":
@@ -87,9 +89,20 @@ def _compile_and_check(cases: dict[tuple, list[str]]) -> None:
     kernels = []
     for name, dtype_name, constexprs in cases:
         kernel, (pointers, scalars) = KERNELS[name]
-        kernels.append((MODULE, kernel, _signature(dtype_name, pointers, scalars), dict(constexprs), {"num_warps": WARPS[dtype_name]}))
+        kernels.append(
+            (
+                MODULE,
+                kernel,
+                _signature(dtype_name, pointers, scalars),
+                dict(constexprs),
+                {"num_warps": WARPS[dtype_name]},
+            )
+        )
     usage = compile_for_cuda(kernels)
-    lines = ["| pass | dtype | tiles | registers | spill bytes | shared KB | shapes |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| pass | dtype | tiles | registers | spill bytes | shared KB | shapes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (name, dtype_name, constexprs), labels, used in zip(cases, cases.values(), usage):
         tiles = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in constexprs if key != "PRECISION")
         lines.append(

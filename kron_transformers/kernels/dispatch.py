@@ -128,7 +128,12 @@ def _compiled_call(entry: KernelEntry, args: tuple, kwargs: dict) -> Any:
     """The traced implementation: the custom op where it applies, else the PyTorch reference."""
     tensors = _tensors((*args, *kwargs.values()))
     on_device = all(t.is_cuda for t in tensors) or _compiled_kernels_on_cpu()
-    if entry.compiled is not None and on_device and _compiled_kernels_allowed() and entry.kernel_covers(*args, **kwargs):
+    if (
+        entry.compiled is not None
+        and on_device
+        and _compiled_kernels_allowed()
+        and entry.kernel_covers(*args, **kwargs)
+    ):
         return entry.compiled(*args, **kwargs)
     return entry.torch_impl(*args, **kwargs)
 

@@ -89,7 +89,9 @@ def block_sparse_matmul(
     if n_rows and out_features:
         blocks = launch_blocks(block_rows, block_cols, n_rows, x.dtype, block_n)
         grid = (
-            triton.cdiv(n_rows, blocks["BLOCK_N"]), out_features // block_rows, triton.cdiv(block_rows, blocks["BLOCK_M"])
+            triton.cdiv(n_rows, blocks["BLOCK_N"]),
+            out_features // block_rows,
+            triton.cdiv(block_rows, blocks["BLOCK_M"]),
         )
         block_sparse_matmul_kernel[grid](
             flat, values.contiguous(), crow_indices.contiguous(), col_indices.contiguous(), y,

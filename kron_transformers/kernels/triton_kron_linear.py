@@ -34,17 +34,18 @@ from .dispatch import triton_interpreted
 
 
 MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16 on tensor cores
-# Tile caps and the fp32 values per register-resident tile (the accumulator, T and U; a tile of E fp32 values costs
-# E / (32 * NUM_WARPS) registers per thread), by input dtype. fp32 inputs also keep fp32 operand copies and, in IEEE mode, the
-# FMA dot's operand broadcasts, so their tiles are smaller. Chosen so that no kernel spills at any preset shape
-# (tests/test_kernel_compile.py compiles them all for sm_90 and reads the register use back).
+# Tile caps and the fp32 values per register-resident tile (the accumulator, T and U; a tile of E fp32 values
+# costs E / (32 * NUM_WARPS) registers per thread), by input dtype. fp32 inputs also keep fp32 operand copies and,
+# in IEEE mode, the FMA dot's operand broadcasts, so their tiles are smaller. ``streamed_k`` and
+# ``streamed_elements``: the ``BLOCK_K`` slice and the tile budget when ``b2`` does not fit one tile;
+# ``min_rows``: the fewest rows per program. Chosen so that no kernel spills at any preset shape (one-row fp32
+# tiles, 32-wide streamed fp32 slices and > 512-element streamed fp32 tiles made ptxas spill a few bytes;
+# tests/test_kernel_compile.py compiles them all for sm_90 and reads the register use back).
 NUM_WARPS = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 8}
-# ``streamed_k`` and ``streamed_elements``: the ``BLOCK_K`` slice and the tile budget when ``b2`` does not fit one
-# tile; ``min_rows``: the fewest rows per program (one-row fp32 tiles, 32-wide streamed fp32 slices and 2048-element
-# streamed fp32 tiles made ptxas spill a few bytes).
+# fmt: off
 TILE_CAPS = {
     torch.float32: dict(
-        BLOCK_B1=16, BLOCK_A1=32, BLOCK_A2=32, BLOCK_K=32, elements=2048, streamed_k=16, streamed_elements=1024,
+        BLOCK_B1=16, BLOCK_A1=32, BLOCK_A2=32, BLOCK_K=32, elements=2048, streamed_k=16, streamed_elements=512,
         min_rows=2,
     ),
     torch.float16: dict(
@@ -52,6 +53,7 @@ TILE_CAPS = {
         min_rows=1,
     ),
 }
+# fmt: on
 TILE_CAPS[torch.bfloat16] = TILE_CAPS[torch.float16]
 MAX_BLOCK_ROWS = 16
 SMALL_BLOCK = 8  # a2, b2 <= 8 (KPD's 4x4 blocks): packed rows x a2 in the dot instead of padding a2, b2 to 16
@@ -91,12 +93,13 @@ def _input_for_every_term(
     x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1,
     BLOCK_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
 ):  # fmt: skip
-    """With ``ONE_K``, the whole input chunk ``X[(j1, n), :]``, loaded once and reused by every rank term; else None."""
+    """With ``ONE_K``: the whole input chunk ``X[(j1, n), :]``, loaded once for every rank term; else None."""
     x_first = None
     if ONE_K:
         x_first = _load_row_blocks(
-            x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, tl.arange(0, BLOCK_K), BLOCK_B1, BLOCK_N, BLOCK_K
-        )
+            x_ptr, rows, n_rows, in_features, stride_xn, b1, b2, offs_j1, tl.arange(0, BLOCK_K),
+            BLOCK_B1, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
     return x_first
 
 
@@ -320,7 +323,9 @@ def launch_blocks(
     if small:  # rows x a2 form the dot's N dimension: at least 16 of them
         blocks["BLOCK_A2"], blocks["BLOCK_K"] = _padded(a2, SMALL_BLOCK, 1), _padded(b2, SMALL_BLOCK, 1)
         dot_rows = MIN_DOT_SIZE // blocks["BLOCK_A2"]
-        per_row = max(blocks["BLOCK_B1"] * blocks["BLOCK_A2"] * blocks["BLOCK_K"], blocks["BLOCK_A1"] * blocks["BLOCK_A2"])
+        per_row = max(
+            blocks["BLOCK_B1"] * blocks["BLOCK_A2"] * blocks["BLOCK_K"], blocks["BLOCK_A1"] * blocks["BLOCK_A2"]
+        )
     else:
         per_row = max(blocks["BLOCK_B1"], blocks["BLOCK_A1"]) * max(blocks["BLOCK_A2"], blocks["BLOCK_K"])
     if block_n is None:
@@ -368,7 +373,11 @@ def _launch_forward(
     if n_rows == 0 or out_features == 0:
         return _new_buffer((n_rows, out_features), x.dtype, x.device)
     blocks = launch_blocks("forward", a1, b1, a2, b2, n_rows, x.dtype, block_n)
-    tiles = (triton.cdiv(n_rows, blocks["BLOCK_N"]), triton.cdiv(a1, blocks["BLOCK_A1"]), triton.cdiv(a2, blocks["BLOCK_A2"]))
+    tiles = (
+        triton.cdiv(n_rows, blocks["BLOCK_N"]),
+        triton.cdiv(a1, blocks["BLOCK_A1"]),
+        triton.cdiv(a2, blocks["BLOCK_A2"]),
+    )
     splits = _rank_splits(rank, tiles[0] * tiles[1] * tiles[2], x.device, rank_splits)
     ranks_per_split = triton.cdiv(rank, splits)
     splits = triton.cdiv(rank, ranks_per_split)
