@@ -7,6 +7,7 @@ A shape is ``KronShape(label, rank, a1, b1, a2, b2, kpd)``: ``W = sum_k (S ⊙) 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,12 +18,16 @@ import kron_transformers as kt
 from kron_transformers.config import EMBEDDING, LINEAR, MethodSpec
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-# The no-argument recipes' small models (recipes/recipe_kit/seq2seq.py SMALL_T5, image_classification.py SMALL_VIT)
-SMALL_MODELS = {
-    "t5": dict(model_type="t5", d_model=64, d_ff=256, num_layers=2, num_heads=4, d_kv=16, vocab_size=1000),
-    "vit": dict(model_type="vit", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-}
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+CONFIG_DIR = RECIPES / "configs"
+sys.path.insert(0, str(RECIPES))
+
+from image_classification import SMALL_VIT  # noqa: E402 (the no-argument recipes' small models)
+from recipe_kit.seq2seq import SMALL_T5  # noqa: E402
+
+
+SMALL_MODELS = {"t5": SMALL_T5, "vit": SMALL_VIT}
+SMALL_VOCAB = 1000  # assumed size of the tokenizer the small recipes train on their built-in data
 T5_SMALL_VOCAB = 32100  # google-t5/t5-small's tokenizer
 
 
@@ -48,7 +53,7 @@ def _model_weights(defaults: dict, preset: str) -> dict[str, list[tuple[int, int
         config = AutoConfig.for_model(**SMALL_MODELS[model_type])
     if model_type == "t5":
         inner = config.num_heads * config.d_kv
-        vocab = defaults.get("tokenizer_vocab_size", T5_SMALL_VOCAB if "model_config" in defaults else 1000)
+        vocab = defaults.get("tokenizer_vocab_size", T5_SMALL_VOCAB if "model_config" in defaults else SMALL_VOCAB)
         return {
             "attention": [(inner, config.d_model), (config.d_model, inner)],
             "ffn": [(config.d_ff, config.d_model), (config.d_model, config.d_ff)],

@@ -144,3 +144,19 @@ def test_every_preset_shape_compiles_without_spills():
 @every_shape
 def test_bert_and_llama_layers_compile_without_spills():
     _compile_and_check(compile_cases(large_layer_shapes()))
+
+
+def test_no_preset_or_large_layer_falls_back_to_pytorch():
+    """The fused kernels cover every preset shape and BERT/Llama layer, in every dtype (no size limit left)."""
+    from kron_transformers.kernels.ops import covers_kpd_matmul, covers_kron_matmul
+
+    for shape in preset_shapes() + large_layer_shapes():
+        for dtype in DTYPES:
+            a = torch.empty(shape.rank, shape.a1, shape.b1, dtype=dtype, device="meta")
+            b = torch.empty(shape.rank, shape.a2, shape.b2, dtype=dtype, device="meta")
+            x = torch.empty(8, shape.b1 * shape.b2, dtype=dtype, device="meta")
+            if shape.kpd:
+                scale = torch.empty(shape.a1, shape.b1, dtype=dtype, device="meta")
+                assert covers_kpd_matmul(x, scale, a, b, shape.a1 * shape.a2), shape
+            else:
+                assert covers_kron_matmul(x, (a, b), shape.a1 * shape.a2), shape

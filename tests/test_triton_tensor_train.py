@@ -234,11 +234,13 @@ def test_covers_and_errors():
 
 
 def test_kernels_compile_for_cuda():
-    """The interpreter never lowers the kernels: compile them for sm_90 (no GPU needed), three cores."""
+    """The interpreter never lowers the kernels: compile them for sm_90 (no GPU needed), three cores, at the
+    launcher's tiles and warps for TT ranks 16 and 32 (the largest covered): no register spills."""
     from cuda_compile import compile_for_cuda
 
+    from kron_transformers.kernels.triton_tensor_train import _blocks, _num_warps
+
     scalars = dict(cols="i32", head_size="i32", last_width="i32")
-    blocks = dict(ORDER=3, BLOCK_H=32, BLOCK_R=16, BLOCK_B=64)  # distinct sizes: shape mismatches fail
     forward = dict(
         ids_ptr="*i64",
         bounds_ptr="*i64",
@@ -260,10 +262,15 @@ def test_kernels_compile_for_cuda():
         **scalars,
     )
     module = "kron_transformers.kernels.triton_tensor_train"
-    usage = compile_for_cuda(
-        [
-            (module, "_tt_forward_kernel", forward, dict(blocks, POOLED=True, HAS_WEIGHTS=True, MEAN=True)),
-            (module, "_tt_backward_kernel", backward, dict(blocks, BLOCK_N=128)),
-        ]
-    )
+    kernels = []
+    for rank in (16, 32):
+        cores = [torch.empty(1, 40, 4, rank), torch.empty(rank, 40, 4, rank), torch.empty(rank, 40, 8, 1)]
+        _, block_h, block_r, block_b, block_n = _blocks(cores)
+        blocks = dict(ORDER=3, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_B=block_b)
+        options = {"num_warps": _num_warps(block_r)}
+        flags = dict(POOLED=True, HAS_WEIGHTS=True, MEAN=True)
+        kernels.append((module, "_tt_forward_kernel", forward, dict(blocks, **flags), options))
+        kernels.append((module, "_tt_backward_kernel", backward, dict(blocks, BLOCK_N=block_n), options))
+    usage = compile_for_cuda(kernels)
+    print("\nTT kernels (forward, backward) at ranks 16 and 32:", usage)
     assert [used["stack"] for used in usage] == [0] * len(usage), f"register spills: {usage}"
