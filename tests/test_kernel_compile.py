@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 from cuda_compile import compile_for_cuda  # noqa: E402
 from kernel_shapes import KronShape, large_layer_shapes, preset_shapes  # noqa: E402
 
-from kron_transformers.kernels.triton_kron_linear import NUM_WARPS, launch_blocks  # noqa: E402
+from kron_transformers.kernels.triton_kron_linear import MAX_REGISTERS, NUM_WARPS, launch_blocks  # noqa: E402
 
 
 MODULE = "kron_transformers.kernels.triton_kron_linear"
@@ -30,7 +30,6 @@ DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 WARPS = {name: NUM_WARPS[dtype] for dtype, name in DTYPES.items()}
 TRAINING_ROWS = 8192  # rows of a training batch (tiles are the same for any count >= 16)
 DECODE_ROWS = (1, 8)  # forward only
-MAX_REGISTERS = 255
 
 
 def _signature(dtype: str, pointers: list[str], scalars: list[str]) -> dict[str, str]:
@@ -95,7 +94,7 @@ def _compile_and_check(cases: dict[tuple, list[str]]) -> None:
                 kernel,
                 _signature(dtype_name, pointers, scalars),
                 dict(constexprs),
-                {"num_warps": WARPS[dtype_name]},
+                {"num_warps": WARPS[dtype_name], "maxnreg": MAX_REGISTERS},
             )
         )
     usage = compile_for_cuda(kernels)

@@ -42,6 +42,9 @@ MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16 on tensor cores
 # tiles, 32-wide streamed fp32 slices and > 512-element streamed fp32 tiles made ptxas spill a few bytes;
 # tests/test_kernel_compile.py compiles them all for sm_90 and reads the register use back).
 NUM_WARPS = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 8}
+# The register file holds 255 per thread at 8 warps; without the cap ptxas targets 128 (sometimes 80) registers
+# for some of these kernels and spills a few bytes rather than use more.
+MAX_REGISTERS = 255
 # fmt: off
 TILE_CAPS = {
     torch.float32: dict(
@@ -391,7 +394,8 @@ def _launch_forward(
         x, a, b, s, y,
         n_rows, in_features, out_features, rank, a1, b1, a2, b2, splits, ranks_per_split,
         x.stride(0), y.stride(0), y.stride(1), *a.stride(), *b.stride(), *s_strides,
-        HAS_SCALE=scale is not None, PRECISION=_precision(x.dtype), num_warps=NUM_WARPS[x.dtype], **blocks,
+        HAS_SCALE=scale is not None, PRECISION=_precision(x.dtype), **blocks,
+        num_warps=NUM_WARPS[x.dtype], maxnreg=MAX_REGISTERS,
     )  # fmt: skip
     return y[0] if splits == 1 else y.sum(0).to(x.dtype)
 
@@ -423,7 +427,7 @@ def _launch_grad_factors(
             x, dy, b, partial,
             n_rows, in_features, out_features, a1, b1, a2, b2, partials, tiles_j1,
             x.stride(0), dy.stride(0), *b.stride(),
-            PRECISION=precision, num_warps=NUM_WARPS[x.dtype], **blocks,
+            PRECISION=precision, num_warps=NUM_WARPS[x.dtype], maxnreg=MAX_REGISTERS, **blocks,
         )  # fmt: skip
         grad_a = partial.sum(0)
     if need_b:
@@ -438,7 +442,8 @@ def _launch_grad_factors(
             x, dy, a, s, partial,
             n_rows, in_features, out_features, a1, b1, a2, b2, partials, tiles_j2,
             x.stride(0), dy.stride(0), *a.stride(), *s_strides,
-            HAS_SCALE=scale is not None, PRECISION=precision, num_warps=NUM_WARPS[x.dtype], **blocks,
+            HAS_SCALE=scale is not None, PRECISION=precision, **blocks,
+            num_warps=NUM_WARPS[x.dtype], maxnreg=MAX_REGISTERS,
         )  # fmt: skip
         grad_b = partial.sum(0)
     return grad_a, grad_b
