@@ -3,7 +3,8 @@
 # and fp32 (T5-small and BERT-base layer shapes; 1, 8, 1024 and 8192 tokens; Shapeshifter rank 16 and the presets'
 # KPD rank 4 with 4x4 blocks; dense, PyTorch factored, materialized and Triton), collected into ONE markdown table
 # with each row's time, achieved TFLOP/s and GB/s, its ratio to the dense layer, and the device's measured matmul
-# and copy peaks. Sized for under 8 minutes on one H100/H200 (the tests take about 2, each dtype's benchmark 1-2).
+# and copy peaks. Meant to finish in under 8 minutes on one H100/H200 (an estimate: it has not run on a GPU yet;
+# the tests are cut off at 300 s).
 #
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]          # on a GPU machine (default OUTPUT_DIR: gpu_check_out)
 #   bash benchmarks/gpu_check.sh --cpu-smoke [DIR]     # anywhere: the benchmark step at toy size on CPU, tests listed
