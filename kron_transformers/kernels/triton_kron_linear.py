@@ -38,9 +38,10 @@ MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16 on tensor cores
 # costs E / (32 * NUM_WARPS) registers per thread), by input dtype. fp32 inputs also keep fp32 operand copies and,
 # in IEEE mode, the FMA dot's operand broadcasts, so their tiles are smaller. ``streamed_k`` and
 # ``streamed_elements``: the ``BLOCK_K`` slice and the tile budget when ``b2`` does not fit one tile;
-# ``min_rows``: the fewest rows per program. Chosen so that no kernel spills at any preset shape (one-row fp32
-# tiles, 32-wide streamed fp32 slices and > 512-element streamed fp32 tiles made ptxas spill a few bytes;
-# tests/test_kernel_compile.py compiles them all for sm_90 and reads the register use back).
+# ``grad_a_elements``: the budget of the ``dA`` kernel; ``min_rows``: the fewest rows per program. Chosen so that
+# no kernel spills at any preset shape (one-row fp32 tiles, 32-wide streamed fp32 slices, > 512-element streamed
+# and > 1024-element ``dA`` fp32 tiles made ptxas spill a few bytes; tests/test_kernel_compile.py compiles them
+# all for sm_90 and reads the register use back).
 NUM_WARPS = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 8}
 # The register file holds 255 per thread at 8 warps; without the cap ptxas targets 128 (sometimes 80) registers
 # for some of these kernels and spills a few bytes rather than use more.
@@ -49,11 +50,11 @@ MAX_REGISTERS = 255
 TILE_CAPS = {
     torch.float32: dict(
         BLOCK_B1=16, BLOCK_A1=32, BLOCK_A2=32, BLOCK_K=32, elements=2048, streamed_k=16, streamed_elements=512,
-        min_rows=2,
+        grad_a_elements=1024, min_rows=2,
     ),
     torch.float16: dict(
         BLOCK_B1=32, BLOCK_A1=64, BLOCK_A2=32, BLOCK_K=32, elements=8192, streamed_k=32, streamed_elements=8192,
-        min_rows=1,
+        grad_a_elements=8192, min_rows=1,
     ),
 }
 # fmt: on
@@ -332,7 +333,8 @@ def launch_blocks(
     else:
         per_row = max(blocks["BLOCK_B1"], blocks["BLOCK_A1"]) * max(blocks["BLOCK_A2"], blocks["BLOCK_K"])
     if block_n is None:
-        fit = max(1, caps["streamed_elements" if streamed else "elements"] // per_row)
+        budget = "streamed_elements" if streamed else "grad_a_elements" if kernel == "grad_a" else "elements"
+        fit = max(1, caps[budget] // per_row)
         block_n = min(MAX_BLOCK_ROWS, triton.next_power_of_2(max(n_rows, 1)), 1 << (fit.bit_length() - 1))
         block_n = max(block_n, caps["min_rows"])
     blocks["BLOCK_N"] = max(block_n, dot_rows)
