@@ -40,6 +40,7 @@ class KronHfQuantizer(HfQuantizer):
                 "it was not written by kron_transformers.compress_model + save_pretrained"
             )
         self.stream: StreamingCompression | None = None
+        self.state_dict_to_save: dict | None = None  # set by saving.save_pretrained for one call
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         checkpoint_files = kwargs.get("checkpoint_files") or []
@@ -67,6 +68,13 @@ class KronHfQuantizer(HfQuantizer):
         bind_push_to_hub(model)
         bind_save_pretrained(model)
         return model
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[dict | None, dict]:
+        """The ``state_dict=`` given to ``save_pretrained`` (e.g. an FSDP full state dict), else the model's own.
+
+        transformers replaces a passed state dict by this method's result for quantized models.
+        """
+        return self.state_dict_to_save, {}
 
     def _dequantize(self, model: PreTrainedModel, dtype: Any = None) -> PreTrainedModel:
         return decompress_model(model)

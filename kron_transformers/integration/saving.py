@@ -26,6 +26,17 @@ WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     """transformers' ``save_pretrained`` (same keywords), made safe for existing checkpoints in the folder."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "state_dict_to_save"):
+        quantizer.state_dict_to_save = kwargs.get("state_dict")
+    try:
+        _save_staged(model, save_directory, **kwargs)
+    finally:
+        if quantizer is not None and hasattr(quantizer, "state_dict_to_save"):
+            quantizer.state_dict_to_save = None
+
+
+def _save_staged(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     save = functools.partial(type(model).save_pretrained, model)
     if not kwargs.get("is_main_process", True) or kwargs.get("variant") or kwargs.get("push_to_hub"):
         return save(save_directory, **kwargs)  # other ranks write nothing; variants and pushes keep their own naming
