@@ -14,7 +14,6 @@ from test_hub import run_client
 from test_surgery import METHODS
 from transformers import AutoModelForMaskedLM
 
-
 import kron_transformers as kt
 
 
@@ -72,7 +71,9 @@ def test_validation_names_a_tensor_missing_from_a_shard(compressed, tmp_path):
     tensors = load_file(str(shard))
     del tensors[name]
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"lacks 1 compressed tensor.*layer\.1\.output\.dense\.factorization\.factors\.0"):
+    with pytest.raises(
+        ValueError, match=r"lacks 1 compressed tensor.*layer\.1\.output\.dense\.factorization\.factors\.0"
+    ):
         AutoModelForMaskedLM.from_pretrained(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Compress while loading (``from_pretrained(dense, quantization_config=...)``) equals load-then-compress bit for bit."""
+"""Compress while loading (``from_pretrained(dense, quantization_config=...)``) equals load-then-compress exactly."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def test_each_dense_tensor_is_factorized_as_it_is_read_and_not_kept(dense_llama,
 
     monkeypatch.setattr(streaming.StreamingCompression, "consume", consume)
     model = _streamed(dense_llama, "llama", METHODS["shapeshifter"]())
-    targeted = [name for name, m in model.named_modules() if isinstance(m, (kt.FactorizedLinear, kt.FactorizedEmbedding))]
+    targeted = [
+        name for name, m in model.named_modules() if isinstance(m, (kt.FactorizedLinear, kt.FactorizedEmbedding))
+    ]
     assert sorted(consumed) == sorted(f"{name}.weight" for name in targeted)
     assert not any(p.is_meta for p in model.parameters())
     assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())  # no dense shell left

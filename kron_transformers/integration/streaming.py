@@ -142,7 +142,7 @@ class StreamingCompression:
 
 
 def tie_skeleton(model: nn.Module) -> None:
-    """Tie the ``meta`` skeleton's weights as ``tie_weights`` will after loading (it is off while the skeleton is built).
+    """Tie the ``meta`` skeleton's weights as ``tie_weights`` will after loading (off while the skeleton is built).
 
     The roles, and so the plan, depend on the ties: a tied head shares the embedding's factors.
     """
