@@ -57,11 +57,15 @@ def compress(args: argparse.Namespace) -> None:
 
     config = _read_config(args.config)
     model_class = model_class_for(AutoConfig.from_pretrained(args.model), args.model_class)
-    _progress(f"loading {args.model} as {model_class.__name__}")
-    model = model_class.from_pretrained(args.model)
     start = time.perf_counter()
-    _progress(f"compressing (init={config.init})")
-    compress_model(model, config)
+    if config.init == "calibrated":  # calibration runs the dense model on data: load it whole first
+        _progress(f"loading {args.model} as {model_class.__name__}")
+        model = model_class.from_pretrained(args.model)
+        _progress(f"compressing (init={config.init})")
+        compress_model(model, config)
+    else:  # each targeted weight is factorized as it is read (integration/streaming.py)
+        _progress(f"loading {args.model} as {model_class.__name__}, compressing while loading (init={config.init})")
+        model = model_class.from_pretrained(args.model, quantization_config=config)
     _progress(f"compressed in {time.perf_counter() - start:.1f} s")
     print(report(model))
     base_model = args.base_model  # None: the card derives it from the loaded model's name when it is a Hub id

@@ -243,18 +243,23 @@ def _initialize(
 
 
 @torch.no_grad()
-def _build(
-    plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbedding], stats: CalibrationStats | None
-) -> None:
+def _factorize(
+    plan: _Plan, weight: torch.Tensor, init: str, stats: CalibrationStats | None, requires_grad: bool
+) -> nn.Module:
+    """The plan's factorization, initialized from ``weight`` (``(rows, cols)``, on its device and dtype)."""
+    factorization = build_factorization(plan.structure, plan.rows, plan.cols).to(weight.device, weight.dtype)
+    _initialize(plan, factorization, weight, init, stats)
+    factorization.requires_grad_(requires_grad)  # a frozen dense weight gives frozen factors
+    return factorization
+
+
+def _wrap(plan: _Plan, factorization: nn.Module | None, built_embeddings: dict[int, FactorizedEmbedding]) -> None:
+    """Fill ``plan.replacements`` with the module(s) around ``factorization`` (None for a tied head)."""
     module = plan.info.module
     if plan.kind == KIND_TIED_HEAD:
         embedding = built_embeddings[id(module.weight)]
         plan.replacements = [TiedFactorizedHead(embedding, getattr(module, "bias", None))]
         return
-    weight = _weight_matrix(module)
-    factorization = build_factorization(plan.structure, plan.rows, plan.cols).to(weight.device, weight.dtype)
-    _initialize(plan, factorization, weight, init, stats)
-    factorization.requires_grad_(weight.requires_grad)  # a frozen dense weight gives frozen factors
     if plan.kind == KIND_EMBEDDING:
         plan.replacements = [
             FactorizedEmbedding.wrap(factorization, info.module.padding_idx, _embed_scale(info.module, info.name))
@@ -267,6 +272,17 @@ def _build(
     if module.bias is not None:
         replacement.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
     plan.replacements = [replacement]
+
+
+@torch.no_grad()
+def _build(
+    plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbedding], stats: CalibrationStats | None
+) -> None:
+    factorization = None
+    if plan.kind != KIND_TIED_HEAD:
+        weight = _weight_matrix(plan.info.module)
+        factorization = _factorize(plan, weight, init, stats, weight.requires_grad)
+    _wrap(plan, factorization, built_embeddings)
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -413,6 +429,20 @@ def mark_compressed(model: nn.Module, config: KronConfig | None) -> None:
         attach_quantizer(model, config)
 
 
+def plan_compression(model: nn.Module, config: KronConfig) -> list[_Plan]:
+    """Check ``config`` against ``model`` and resolve every replacement's structure; nothing is built or changed.
+
+    Needs only shapes, so it also runs on a ``meta``-device skeleton (compress-while-loading).
+    """
+    if not isinstance(config, KronConfig):
+        raise TypeError(f"compress_model: config must be a kron_transformers.KronConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    if applied_config(model) is not None or any(isinstance(m, COMPRESSED_MODULES) for m in model.modules()):
+        raise ValueError("compress_model: the model is already compressed; call decompress_model first")
+    return _plan(model, config, detect_roles(model))
+
+
 def compress_model(
     model: nn.Module, config: KronConfig, calibration_data: Iterable | CalibrationStats | None = None
 ) -> nn.Module:
@@ -431,14 +461,7 @@ def compress_model(
     model = kt.compress_model(model, kt.KronConfig(attention=kt.Shapeshifter(rank=4)))
     ```
     """
-    if not isinstance(config, KronConfig):
-        raise TypeError(f"compress_model: config must be a kron_transformers.KronConfig, got {type(config).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compress_model: model must be a torch.nn.Module, got {type(model).__name__}")
-    if applied_config(model) is not None or any(isinstance(m, COMPRESSED_MODULES) for m in model.modules()):
-        raise ValueError("compress_model: the model is already compressed; call decompress_model first")
-    roles = detect_roles(model)
-    plans = _plan(model, config, roles)
+    plans = plan_compression(model, config)
     if config.init == "calibrated" and calibration_data is None:
         raise ValueError(
             "compress_model: init='calibrated' needs calibration_data= (a DataLoader or iterable of model-input "
@@ -452,10 +475,20 @@ def compress_model(
         return model
 
     built_embeddings: dict[int, FactorizedEmbedding] = {}
-    order = sorted(plans, key=lambda p: p.kind == KIND_TIED_HEAD)  # heads after their embeddings
+    order = build_order(plans)
     for plan in order:
         _build(plan, config.init, built_embeddings, stats)
+    swap_in(model, config, order)
+    return model
 
+
+def build_order(plans: list[_Plan]) -> list[_Plan]:
+    """The order replacements are built in (tied heads after their embeddings); random inits draw in this order."""
+    return sorted(plans, key=lambda p: p.kind == KIND_TIED_HEAD)
+
+
+def swap_in(model: nn.Module, config: KronConfig, order: list[_Plan]) -> None:
+    """Swap every built replacement in at once and record the resolved structure on the model."""
     records: dict[str, Any] = {}
     embedding_names: dict[int, str] = {}
     for plan in order:
@@ -475,7 +508,6 @@ def compress_model(
 
     mark_compressed(model, dataclasses.replace(copy.deepcopy(config), modules=records))
     _rewrite_tied_weights_keys(model)
-    return model
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -507,6 +539,24 @@ def _resolved_paths(model: nn.Module, names: list[str]) -> list[str]:
     return [path for path in (resolve_recorded_name(model, n) for n in names) if path is not None]
 
 
+def _check_absent_module_is_another_head(model: nn.Module, name: str) -> None:
+    """A recorded module may be absent only when loading into another class (e.g. the LM head into the base model).
+
+    Loading into the recorded architecture, every recorded module must exist; otherwise its top-level
+    branch must be missing altogether (the other class's head), not just a module inside a branch this model has.
+    """
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    prefix = getattr(model, "base_model_prefix", "")
+    top = (name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name).split(".")[0]
+    other_class = bool(architectures) and architectures[0] != type(model).__name__
+    if other_class and not _has_submodule(model, top) and not _has_submodule(model, f"{prefix}.{top}"):
+        return
+    raise ValueError(
+        f"config.json's compression record names the module {name!r}, which {type(model).__name__} does not have; "
+        f"the record does not belong to this model (edited config.json, or a checkpoint of another model)"
+    )
+
+
 @torch.no_grad()
 def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
     """Swap in factorized modules exactly as recorded in ``config.modules``, before weights load.
@@ -522,6 +572,7 @@ def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
     for name, entry in sorted(config.modules.items(), key=lambda item: kind_order[item[1]["kind"]]):
         paths = _resolved_paths(model, [name, *entry.get("aliases", [])])
         if not paths:
+            _check_absent_module_is_another_head(model, name)
             continue
         current = model.get_submodule(paths[0])
         device = next(current.parameters(), torch.empty(0)).device
@@ -542,6 +593,7 @@ def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
                 for member in entry.get("shared_with", []):
                     member_paths = _resolved_paths(model, [member["name"], *member["aliases"]])
                     if not member_paths:
+                        _check_absent_module_is_another_head(model, member["name"])
                         continue
                     shared = FactorizedEmbedding.wrap(factorization, member["padding_idx"], member["embed_scale"])
                     for path in member_paths:

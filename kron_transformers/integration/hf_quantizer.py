@@ -2,8 +2,9 @@
 
 Registering ``KronConfig`` and ``KronHfQuantizer`` lets plain ``from_pretrained`` either rebuild
 a compressed checkpoint's exact structure before its weights load (``pre_quantized``: the
-config carries resolved ``modules``), or compress a dense checkpoint after it loads
-(``from_pretrained(dense, quantization_config=kt.KronConfig(...))``, equal to ``compress_model``).
+config carries resolved ``modules``), or compress a dense checkpoint while it loads
+(``from_pretrained(dense, quantization_config=kt.KronConfig(...))``, equal to ``compress_model``;
+each targeted tensor is factorized as it is read, see ``streaming``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 
 from ..config import QUANT_METHOD, KronConfig
-from ..surgery import applied_config, compress_model, decompress_model, rebuild_structure
+from ..surgery import applied_config, decompress_model, rebuild_structure
 from .hub import bind_push_to_hub, unbind_push_to_hub
-from .safetensors_check import validate_checkpoint_files
+from .safetensors_check import check_finite_factors, check_single_layout, validate_checkpoint_files
+from .saving import bind_save_pretrained, unbind_save_pretrained
+from .streaming import CompressTensor, StreamingCompression
 
 
 register_quantization_config(QUANT_METHOD)(KronConfig)
@@ -36,19 +39,42 @@ class KronHfQuantizer(HfQuantizer):
                 "this checkpoint's quantization_config has quant_method 'kron' but no resolved 'modules'; "
                 "it was not written by kron_transformers.compress_model + save_pretrained"
             )
+        self.stream: StreamingCompression | None = None
+        self.state_dict_to_save: dict | None = None  # set by saving.save_pretrained for one call
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        checkpoint_files = kwargs.get("checkpoint_files") or []
+        check_single_layout(checkpoint_files)
         if self.pre_quantized:
             self.quantization_config = rebuild_structure(model, self.quantization_config)
-            validate_checkpoint_files(model, kwargs.get("checkpoint_files") or [])
+            validate_checkpoint_files(model, checkpoint_files)
+        else:
+            self.stream = StreamingCompression(model, self.quantization_config, checkpoint_files)
         return model
 
+    def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
+        return self.stream is not None and self.stream.claims(param_name)
+
+    def get_quantize_ops(self) -> CompressTensor:
+        return CompressTensor(self.stream)
+
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
-        if not self.pre_quantized:
-            compress_model(model, self.quantization_config)
+        if self.pre_quantized:
+            check_finite_factors(model)
+        else:
+            self.stream.finish(model)
+            self.stream = None
             self.quantization_config = applied_config(model)
         bind_push_to_hub(model)
+        bind_save_pretrained(model)
         return model
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[dict | None, dict]:
+        """The ``state_dict=`` given to ``save_pretrained`` (e.g. an FSDP full state dict), else the model's own.
+
+        transformers replaces a passed state dict by this method's result for quantized models.
+        """
+        return self.state_dict_to_save, {}
 
     def _dequantize(self, model: PreTrainedModel, dtype: Any = None) -> PreTrainedModel:
         return decompress_model(model)
@@ -77,6 +103,7 @@ def attach_quantizer(model: nn.Module, config: KronConfig) -> None:
         model.is_quantized = True
         model.quantization_method = QUANT_METHOD
         bind_push_to_hub(model)
+        bind_save_pretrained(model)
 
 
 def detach_quantizer(model: nn.Module) -> None:
@@ -87,6 +114,7 @@ def detach_quantizer(model: nn.Module) -> None:
                 delattr(model, attribute)
         model.is_quantized = False
         unbind_push_to_hub(model)
+        unbind_save_pretrained(model)
         for module in model.modules():
             if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
                 module.config._is_quantized = False

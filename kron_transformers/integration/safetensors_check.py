@@ -13,9 +13,15 @@ import os
 import struct
 from pathlib import Path
 
+import torch
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..modules import COMPRESSED_MODULES
+
+
+SINGLE_FILE = SAFE_WEIGHTS_NAME  # model.safetensors
+SHARD_INDEX = SAFE_WEIGHTS_INDEX_NAME  # model.safetensors.index.json
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
@@ -105,3 +111,35 @@ def validate_checkpoint_files(model: nn.Module, checkpoint_files: list[str]) -> 
             f"the checkpoint lacks {len(missing)} compressed tensor(s) recorded in config.json, e.g. {missing[:3]}; "
             f"it is incomplete or belongs to another compression"
         )
+
+
+def check_single_layout(checkpoint_files: list[str]) -> None:
+    """Refuse a folder holding both a single ``model.safetensors`` and a sharded index (a stale older save).
+
+    transformers would load whichever layout it looks for first, silently ignoring the other.
+    """
+    folders = {Path(file).parent for file in checkpoint_files}
+    for folder in folders:
+        single, index = folder / SINGLE_FILE, folder / SHARD_INDEX
+        if single.is_file() and index.is_file():
+            raise ValueError(
+                f"{folder} holds both {SINGLE_FILE} and {SHARD_INDEX} (a single-file and a sharded checkpoint); "
+                f"one is stale. Delete the older one, or save the model again with kron_transformers "
+                f"(its save_pretrained removes the other layout)"
+            )
+
+
+@torch.no_grad()
+def check_finite_factors(model: nn.Module) -> None:
+    """Raise naming the first factor tensor holding NaN or infinity (corrupted bytes load silently otherwise)."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, COMPRESSED_MODULES):
+            for name, parameter in module.named_parameters(prefix=module_name, recurse=True):
+                if parameter.is_meta or not parameter.is_floating_point():
+                    continue
+                if not bool(torch.isfinite(parameter).all()):
+                    count = int((~torch.isfinite(parameter)).sum())
+                    raise ValueError(
+                        f"tensor {name!r} of the loaded checkpoint holds {count} non-finite value(s) (NaN or inf); "
+                        f"the weights file is corrupted or was saved from a diverged model"
+                    )

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -226,8 +226,10 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
         "arguments": _scalars(arguments.to_flat_dict()),
     }
     accelerator.wait_for_everyone()
+    # FSDP: every process takes part in gathering the full state dict; the main process saves it
+    full_state = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
     if accelerator.is_main_process:
-        save_outputs(unwrapped, task, arguments, results)
+        save_outputs(unwrapped, task, arguments, results, full_state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"{task.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
@@ -252,11 +254,17 @@ def _dense_card(task: Task, arguments: RecipeArguments, metrics: dict[str, float
     )
 
 
-def save_outputs(model: nn.Module, task: Task, arguments: RecipeArguments, results: dict[str, Any]) -> None:
+def save_outputs(
+    model: nn.Module,
+    task: Task,
+    arguments: RecipeArguments,
+    results: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """The model (safetensors), tokenizer / image processor, results.json and the model card; then the Hub."""
     args = arguments.train
     output_dir = Path(args.output_dir)
-    model.save_pretrained(output_dir)
+    model.save_pretrained(output_dir, state_dict=state_dict)
     task.save_preprocessing(str(output_dir))
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     base_model = arguments.model.model_name_or_path

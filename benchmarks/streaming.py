@@ -1,0 +1,245 @@
+"""Compress-while-loading memory: peak resident memory against the dense and the compressed size.
+
+Writes a Llama-style dense checkpoint (random bf16 weights, sharded safetensors; nothing is
+downloaded) into a temporary folder, then loads it in a fresh child process with
+``LlamaForCausalLM.from_pretrained(folder, quantization_config=KronConfig(attention=Shapeshifter,
+ffn=Shapeshifter), dtype=bfloat16)`` and reports the child's peak resident set (``VmHWM``), the
+resident set of the same imports without loading (the interpreter, torch, transformers), the dense
+checkpoint size, the largest shard, the compressed model's size and the load time. The goal is
+peak RSS <= 1.5 x compressed size + largest dense shard. A small model of the same layout checks
+that streaming gives exactly the tensors of load-then-``compress_model``.
+
+    python benchmarks/streaming.py                          # about 2B parameters, init="random"
+    python benchmarks/streaming.py --preset 150M --init svd  # the library's SVD init at smaller dims
+
+The library's SVD init of a 2560 x 2560 Shapeshifter layer takes about 30 s on one core of the
+benchmark machine (a full SVD of the rearranged matrix), so the 2B run uses ``init="random"``
+(which reads each dense tensor only for its standard deviation) unless ``--init svd`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+PRESETS = {  # name -> (hidden, intermediate, layers, heads, vocab)
+    "2B": (2560, 6912, 24, 20, 32000),
+    "1B": (2048, 5632, 20, 16, 32000),
+    "150M": (768, 2048, 12, 12, 32000),
+    "tiny": (64, 160, 2, 4, 256),
+}
+
+
+def llama_config(preset: str):
+    from transformers import LlamaConfig
+
+    hidden, intermediate, layers, heads, vocab = PRESETS[preset]
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def write_dense_checkpoint(folder: Path, preset: str, shard_bytes: int, seed: int = 0) -> None:
+    """A sharded bf16 checkpoint written one shard at a time (never the whole model in memory)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(preset)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        if "norm" in name:
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensor = 0.02 * torch.randn(shape, generator=generator)
+        tensor = tensor.to(torch.bfloat16)
+        if size and size + tensor.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    total = len(shards)
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        filename = f"model-{index:05d}-of-{total:05d}.safetensors"
+        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+        shard.clear()
+    total_size = sum(os.path.getsize(folder / f) for f in set(weight_map.values()))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    )
+
+
+def kron_config(init: str, rank: int):
+    import kron_transformers as kt
+
+    return kt.KronConfig(attention=kt.Shapeshifter(rank=rank), ffn=kt.Shapeshifter(rank=rank), init=init)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+class ResidentSampler:
+    """Samples ``RssAnon`` and ``RssFile`` every few milliseconds in a thread; keeps the peak of each."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.peaks = {"RssAnon": 0, "RssFile": 0}
+        self.interval, self.running = interval, True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key = line.split(":")[0]
+                if key in self.peaks:
+                    self.peaks[key] = max(self.peaks[key], int(line.split()[1]) * 1024)
+            time.sleep(self.interval)
+
+    def stop(self) -> dict[str, int]:
+        self.running = False
+        self.thread.join()
+        return self.peaks
+
+
+def child(folder: str, init: str, rank: int, load: bool) -> None:
+    """Runs in a fresh process: load while compressing (or only import), print one JSON line."""
+    torch.set_num_threads(1)
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging
+
+    import kron_transformers  # noqa: F401 (registers the plugin)
+
+    logging.disable_progress_bar()
+    result = {"baseline_rss": peak_rss()}
+    if load:
+        sampler = ResidentSampler()
+        start = time.perf_counter()
+        model = LlamaForCausalLM.from_pretrained(
+            folder, quantization_config=kron_config(init, rank), dtype=torch.bfloat16
+        )
+        result["seconds"] = time.perf_counter() - start
+        tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+        result["compressed_bytes"] = sum(t.nbytes for t in tensors.values())
+        result["compressed_parameters"] = sum(p.numel() for p in model.parameters())
+        result["peak_rss"] = peak_rss()
+        peaks = sampler.stop()
+        result["peak_anonymous"], result["peak_file_backed"] = peaks["RssAnon"], peaks["RssFile"]
+    print(json.dumps(result))
+
+
+def run_child(folder: Path, init: str, rank: int, load: bool) -> dict:
+    command = [sys.executable, __file__, "--child", str(folder), "--init", init, "--rank", str(rank)]
+    if not load:
+        command.append("--imports-only")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def check_identical(init: str, rank: int) -> bool:
+    """Streaming equals load-then-compress_model exactly on a tiny model of the same layout."""
+    from transformers import LlamaForCausalLM
+
+    import kron_transformers as kt
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_dense_checkpoint(Path(folder), "tiny", shard_bytes=40_000)
+        torch.manual_seed(0)
+        streamed = LlamaForCausalLM.from_pretrained(folder, quantization_config=kron_config(init, rank))
+        dense = LlamaForCausalLM.from_pretrained(folder)
+        torch.manual_seed(0)
+        expected = kt.compress_model(dense, kron_config(init, rank)).state_dict()
+        state = streamed.state_dict()
+        return state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def memory_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="2B")
+    parser.add_argument("--init", choices=["random", "svd"], default="random")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--shard-gb", type=float, default=1.0, help="dense shard size in GB")
+    parser.add_argument("--folder", help="write the dense checkpoint here (default: a temporary folder)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--imports-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.init, args.rank, load=not args.imports_only)
+
+    torch.set_num_threads(1)
+    hidden, intermediate, layers, _, vocab = PRESETS[args.preset]
+    parameters = layers * (4 * hidden * hidden + 3 * hidden * intermediate) + 2 * vocab * hidden
+    needed = 2 * parameters + int(args.shard_gb * 1e9)
+    if memory_available() < 2 * needed // 3:
+        sys.exit(f"only {memory_available() / 2**30:.1f} GiB available; use a smaller --preset")
+    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
+        folder = Path(folder)
+        start = time.perf_counter()
+        write_dense_checkpoint(folder, args.preset, int(args.shard_gb * 1e9))
+        written = time.perf_counter() - start
+        shard_sizes = [p.stat().st_size for p in folder.glob("model-*.safetensors")]
+        baseline = run_child(folder, args.init, args.rank, load=False)
+        result = run_child(folder, args.init, args.rank, load=True)
+    identical = check_identical(args.init, args.rank)
+
+    gb = 1e9
+    dense, largest, compressed = sum(shard_sizes), max(shard_sizes), result["compressed_bytes"]
+    budget = 1.5 * compressed + largest
+    print(
+        f"dense checkpoint: {parameters / 1e9:.2f}B parameters, {len(shard_sizes)} shards, written in {written:.0f} s"
+    )
+    print()
+    print(
+        "| preset | init | dense (GB) | largest shard (GB) | compressed (GB) | peak RSS (GB) | peak anonymous (GB) "
+        "| peak file-backed (GB) | imports only (GB) | goal: 1.5x compressed + shard (GB) | within goal "
+        "| load + compress (s) | identical to load-then-compress |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
+    print(
+        f"| {args.preset} | {args.init} | {dense / gb:.2f} | {largest / gb:.2f} | {compressed / gb:.3f} "
+        f"| {result['peak_rss'] / gb:.2f} | {result['peak_anonymous'] / gb:.2f} "
+        f"| {result['peak_file_backed'] / gb:.2f} | {baseline['baseline_rss'] / gb:.2f} | {budget / gb:.2f} "
+        f"| {'yes' if result['peak_rss'] <= budget else 'no'} "
+        f"| {result['seconds']:.0f} | {'yes' if identical else 'NO'} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
