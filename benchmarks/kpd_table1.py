@@ -10,7 +10,7 @@ images). For each block size it trains, with the same optimizer budget:
 - a **dense** baseline once.
 
 Columns follow the paper: accuracy, sparsity rate (share of zero blocks, counted with ``abs``),
-training parameters, training FLOPs per sample (forward + backward, seed 001 Proposition 2).
+training parameters, training FLOPs per sample (forward + backward, Zhu et al., Proposition 2).
 Block sizes are given as in the paper, (rows of the in x out weight, columns); internally the
 weight is ``out x in``. Run: ``pip install scikit-learn && python benchmarks/kpd_table1.py``.
 """

@@ -3,7 +3,7 @@
 ```bash
 python recipes/image_classification.py             # offline default: small ViT from a config, built-in images
 python recipes/image_classification.py --compression vit_tiny_kpd_cifar100 \\
-    --dataset_name uoft-cs/cifar100                   # seed 001 Table 3 (ViT-tiny, KPD rank 4, 4x4 blocks)
+    --dataset_name uoft-cs/cifar100                   # Zhu et al., Table 3 (ViT-tiny, KPD rank 4, 4x4 blocks)
 python recipes/image_classification.py --train_file images/train --validation_file images/val   # image folders
 ```
 

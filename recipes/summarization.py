@@ -3,7 +3,7 @@
 ```bash
 python recipes/summarization.py                    # offline default: small T5 from a config, built-in corpus
 python recipes/summarization.py --compression summarization_word2ketxs \\
-    --dataset_name Harvard/gigaword                  # seed 003 Table 1's setting on a T5 (see the preset)
+    --dataset_name Harvard/gigaword                  # Panahi, Table 1's setting on a T5 (see the preset)
 python recipes/summarization.py --train_file train.jsonl --validation_file dev.jsonl \\
     --source_column document --target_column subject
 ```

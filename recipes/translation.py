@@ -4,7 +4,7 @@
 python recipes/translation.py                      # offline default: small T5 from a config, built-in corpus
 python recipes/translation.py --compression t5_small_shapeshifter_iwslt14 \\
     --train_file iwslt14/train --validation_file iwslt14/valid --test_file iwslt14/test \\
-    --source_lang de --target_lang en               # seed 003 Table 5 on fairseq-prepared IWSLT'14 De-En
+    --source_lang de --target_lang en               # Panahi, Table 5 on fairseq-prepared IWSLT'14 De-En
 accelerate launch recipes/translation.py ...        # several processes / GPUs, unchanged
 ```
 

@@ -1,4 +1,4 @@
-"""TT-Rec (seed 004): tensor-train ops, factorization, TTEmbedding / TTEmbeddingBag, LFU cache, kt.TensorTrain."""
+"""TT-Rec (Yin et al.): tensor-train ops, factorization, TTEmbedding / TTEmbeddingBag, LFU cache, kt.TensorTrain."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def random_cores(shapes, ranks, dtype=torch.float64, seed=0):
 
 
 def explicit_table(cores, rows, cols):
-    """``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` as one einsum (seed 004, eq. 2)."""
+    """``W[(i..), (j..)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` in one einsum (Yin et al., eq. 2)."""
     d = len(cores)
     bonds, row_letters, col_letters = string.ascii_uppercase[: d + 1], "abcdefgh"[:d], "ijklmnop"[:d]
     inputs = ",".join(f"{bonds[k]}{row_letters[k]}{col_letters[k]}{bonds[k + 1]}" for k in range(d))

@@ -98,7 +98,7 @@ def balanced_factor_shapes(
     ``tolerance`` where allowed and better balanced); the ``a`` are then sorted ascending and
     the ``b`` descending, which minimizes ``sum_j a_j b_j`` (rearrangement inequality). Balanced
     sides matter: ``(1 x m) ⊗ (n x 1)`` has the same parameter count but is only a rank-1 outer
-    product, while ``sqrt(n) x sqrt(m)`` factors are Shapeshifter's (seed 003, section 4.3).
+    product, while ``sqrt(n) x sqrt(m)`` factors are Shapeshifter's (Panahi, section 4.3).
     """
     row_factors = balanced_factors(rows, order, pad_rows, tolerance)
     col_factors = balanced_factors(cols, order, pad_cols, tolerance)

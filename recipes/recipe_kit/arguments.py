@@ -162,7 +162,7 @@ class TrainArguments:
     kpd_l1: float = field(
         default=0.0,
         metadata={
-            "help": "KPD layers: strength of the l1 proximal step on S after each optimizer step (seed 001, eq. 4)."
+            "help": "KPD layers: strength of the l1 proximal step on S after each optimizer step (Zhu et al., eq. 4)."
         },
     )
     augment: bool = field(default=True, metadata={"help": "Images: random crop and horizontal flip while training."})

@@ -3,7 +3,7 @@
 Launched with ``python`` or ``accelerate launch`` (DDP / FSDP unchanged): mixed precision and gradient
 accumulation through ``Accelerator``; ``accelerator.save_state`` every ``--checkpointing_steps`` optimizer steps
 into ``output_dir/checkpoints/step_N`` and ``--resume_from_checkpoint`` continuing at that step with the same data
-order and random state; after every optimizer step, the KPD proximal l1 step (seed 001, eq. 4) when
+order and random state; after every optimizer step, the KPD proximal l1 step (Zhu et al., eq. 4) when
 ``--kpd_l1 > 0`` and ``kt.on_train_step`` (TT-Rec cache, CCE re-clustering: any module defining it); trackers,
 a progress bar, then evaluation, ``results.json``, the model, its card and ``--push_to_hub``.
 """
