@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from recipe_kit import builtin
-from recipe_kit.arguments import parse_arguments
+from recipe_kit.arguments import TEXT_ONLY, parse_arguments
 from recipe_kit.errors import run_main
 from recipe_kit.images import image_task
 from recipe_kit.loop import make_accelerator, train
@@ -41,7 +41,7 @@ DEFAULTS = dict(
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    arguments = parse_arguments(DEFAULTS, argv)
+    arguments = parse_arguments(DEFAULTS, argv, unused=TEXT_ONLY)
     accelerator = make_accelerator(arguments.train)
     return train(image_task(arguments, builtin.images, SMALL_VIT), arguments, accelerator)
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from recipe_kit import builtin
-from recipe_kit.arguments import parse_arguments
+from recipe_kit.arguments import IMAGE_ONLY, parse_arguments
 from recipe_kit.errors import run_main
 from recipe_kit.loop import make_accelerator, train
 from recipe_kit.metrics import rouge
@@ -39,7 +39,7 @@ DEFAULTS = dict(
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    arguments = parse_arguments(DEFAULTS, argv)
+    arguments = parse_arguments(DEFAULTS, argv, unused=IMAGE_ONLY)
     accelerator = make_accelerator(arguments.train)
     task = seq2seq_task("summarization", arguments, builtin.summarization, ("document", "summary"), rouge, SMALL_T5)
     return train(task, arguments, accelerator)
