@@ -85,7 +85,7 @@ class ClusteringHook:
     """Mixin of the CCE modules: ``on_train_step`` clusters when ``cluster_schedule`` fires.
 
     ``kt.on_train_step(model, step, optimizer)`` and ``kt.KronTrainingCallback`` call it after
-    each optimizer step (DESIGN.md layer 7); ``schedule_clustering`` sets the schedule.
+    each optimizer step (ARCHITECTURE.md layer 7); ``schedule_clustering`` sets the schedule.
     """
 
     cluster_schedule: ClusterSchedule | None = None

@@ -1,4 +1,4 @@
-"""Method specs and ``KronConfig``: the serializable description of a compression (DESIGN.md layer 4).
+"""Method specs and ``KronConfig``: the serializable description of a compression (ARCHITECTURE.md layer 4).
 
 A spec says *which* factorization a weight gets and how large it may be (``rank=`` or a
 target ``compression=`` ratio). ``spec.resolve(rows, cols, target)`` turns it into the exact

@@ -1,4 +1,4 @@
-"""``compress_model`` / ``decompress_model``: model surgery over any HF model (DESIGN.md layer 5).
+"""``compress_model`` / ``decompress_model``: model surgery over any HF model (ARCHITECTURE.md layer 5).
 
 Everything is validated and every replacement is built before the first module is swapped,
 so a bad config raises with the model untouched.

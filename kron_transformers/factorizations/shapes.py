@@ -2,7 +2,7 @@
 
 A matrix ``W`` of shape ``(rows, cols)`` written as ``sum_k F_1k ⊗ ... ⊗ F_nk`` with
 ``F_jk`` of shape ``(a_j, b_j)`` needs ``prod a_j >= rows`` and ``prod b_j >= cols``
-(DESIGN.md, "The math"; the matrix is zero-padded, then cropped). It costs
+(ARCHITECTURE.md, "The math"; the matrix is zero-padded, then cropped). It costs
 ``r * sum_j a_j b_j`` parameters.
 """
 

@@ -3,7 +3,7 @@
 These are the op boundaries the fused kernels replace: each takes the factors
 ``F_j`` stacked over the rank as tensors of shape ``(r, a_j, b_j)`` and represents
 ``W = sum_k F_1k ⊗ F_2k ⊗ ... ⊗ F_nk`` (most significant digit first, as ``torch.kron``),
-cropped to the true ``(rows, cols)`` (DESIGN.md, "The math").
+cropped to the true ``(rows, cols)`` (ARCHITECTURE.md, "The math").
 """
 
 from __future__ import annotations

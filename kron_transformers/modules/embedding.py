@@ -1,4 +1,4 @@
-"""Drop-in replacements for ``nn.Embedding`` and the tied output head (DESIGN.md layer 3)."""
+"""Drop-in replacements for ``nn.Embedding`` and the tied output head (ARCHITECTURE.md layer 3)."""
 
 from __future__ import annotations
 

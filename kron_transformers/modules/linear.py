@@ -1,4 +1,4 @@
-"""Drop-in replacements for ``nn.Linear`` and transformers' ``Conv1D`` (DESIGN.md layer 3)."""
+"""Drop-in replacements for ``nn.Linear`` and transformers' ``Conv1D`` (ARCHITECTURE.md layer 3)."""
 
 from __future__ import annotations
 
