@@ -1,4 +1,4 @@
-"""Seed 001, Table 1 in shape: one linear layer, rank-2 KPD with block sizes (2,2), (4,2), (8,2), (16,2).
+"""Zhu et al., Table 1 in shape: one linear layer, rank-2 KPD with block sizes (2,2), (4,2), (8,2), (16,2).
 
 The paper trains a softmax linear layer on MNIST; MNIST cannot be downloaded here, so this uses
 scikit-learn's offline ``load_digits`` (8x8 images, 64 features, 10 classes; 1,347 train / 450 test

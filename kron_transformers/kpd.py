@@ -97,7 +97,7 @@ def _zero_fraction(s: torch.Tensor, tolerance: float = 0.0) -> float:
 
 
 def optimal_factor_shapes(m: int, n: int, rank: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Seed 001, eq. 5: ``(m1, n1), (m2, n2)`` minimizing KPD parameters with ``m1 m2 = m``, ``n1 n2 = n``.
+    """Zhu et al., eq. 5: ``(m1, n1), (m2, n2)`` minimizing KPD parameters with ``m1 m2 = m``, ``n1 n2 = n``.
 
     For ``rank = 1`` the objective is eq. 5's ``2 m1 n1 + m2 n2``; for rank r it is ``(1 + r) m1 n1 + r m2 n2``.
     """
@@ -126,7 +126,7 @@ def _group_norms(model: nn.Module) -> torch.Tensor:
 
 
 def pattern_penalty(model: nn.Module, lambda1: float, lambda2: float) -> torch.Tensor:
-    """Seed 001, eq. 7's regularizer: ``lambda1 sum_k ||S^(.,k)||_group + lambda2 sum_k sum_l ||S^(l,k)||_1``."""
+    """Zhu et al., eq. 7's regularizer: ``lambda1 sum_k ||S^(.,k)||_group + lambda2 sum_k sum_l ||S^(l,k)||_1``."""
     l1 = torch.stack([p.s.abs().sum() for layer in _pattern_layers(model).values() for p in layer.patterns]).sum()
     return lambda1 * _group_norms(model).sum() + lambda2 * l1
 
@@ -221,7 +221,7 @@ class KPDPatternCallback(TrainerCallback):
 
 @dataclass
 class LayerReport:
-    """Seed 001's table columns for one KPD layer."""
+    """Zhu et al.'s table columns for one KPD layer."""
 
     name: str
     block_size: tuple[int, int]

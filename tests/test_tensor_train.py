@@ -166,7 +166,7 @@ def test_sampled_gaussian_init_gives_entries_close_to_normal_with_variance_one_o
 def test_tail_sampling_makes_a_product_of_cores_gaussian_like():
     torch.manual_seed(0)
     rows = 8000
-    # Seed 004, Algorithm 3: without the tail sampling a product of 3 normal cores has kurtosis 3^3 = 27.
+    # Yin et al., Algorithm 3: without the tail sampling a product of 3 normal cores has kurtosis 3^3 = 27.
     _, _, sampled_kurtosis = entry_statistics(kt.TTEmbedding(rows, 64, tt_ranks=1).materialize())
     _, _, normal_kurtosis = entry_statistics(kt.TTEmbedding(rows, 64, tt_ranks=1, init="glorot").materialize())
     assert 2.5 < sampled_kurtosis < 4.0 and normal_kurtosis > 10

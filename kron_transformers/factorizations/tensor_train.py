@@ -105,7 +105,7 @@ def _tail_kurtosis(threshold: float) -> float:
 def sampled_gaussian_threshold(num_cores: int) -> float:
     """Tail threshold ``t`` of the sampled Gaussian: the product of ``d`` draws has kurtosis 3.
 
-    Seed 004, section 3.2 and Algorithm 3: each core entry is redrawn from ``N(0, 1)`` while it is
+    Yin et al., section 3.2 and Algorithm 3: each core entry is redrawn from ``N(0, 1)`` while it is
     close to zero, so the product of the cores is close to Gaussian instead of sharply peaked (the
     product of ``d`` standard normals has kurtosis ``3^d``). Kurtoses of independent factors
     multiply, so ``t`` solves ``kurtosis(|w| >= t)^d = 3`` (``t ~ 0.98`` for ``d = 3``) by bisection.
