@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the CLI imports torch, transformers and the package's modules only inside a command
     from .config import KronConfig
 
-HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or org/name
 
 
 def _progress(message: str) -> None:

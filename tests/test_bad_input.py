@@ -88,9 +88,12 @@ def test_quick_cp_als_is_silent(caplog):
     assert not caplog.records
 
 
-@pytest.mark.parametrize("command", ["compress", "report", "decompress"])
-def test_cli_names_a_path_that_does_not_exist(command, tmp_path, capsys):
-    missing = str(tmp_path / "no" / "such" / "path")
+@pytest.mark.parametrize(
+    ("command", "relative"), [("compress", False), ("report", False), ("decompress", False), ("report", True)]
+)
+def test_cli_names_a_path_that_does_not_exist(command, relative, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    missing = "./no-such-folder" if relative else str(tmp_path / "no" / "such" / "path")
     options = {"compress": ["--config", "c.json", "--output", "o"], "decompress": ["--output", "o"], "report": []}
     assert cli.main([command, missing, *options[command]]) == 2
     assert capsys.readouterr().err.strip() == (
