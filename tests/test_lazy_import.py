@@ -24,7 +24,7 @@ import sys
 import kron_transformers as kt
 from kron_transformers.cli import build_parser
 assert "kron-transformers" in build_parser().format_help()
-assert "compress" in dir(kt) and kt.__version__
+assert "compress_model" in dir(kt) and kt.__version__
 loaded = [name for name in {HEAVY!r} if name in sys.modules]
 assert not loaded, loaded
 """
