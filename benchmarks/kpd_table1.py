@@ -1,4 +1,4 @@
-"""Seed 001, Table 1 in shape: one linear layer, rank-2 KPD with block sizes (2,2), (4,2), (8,2), (16,2).
+"""Zhu et al., Table 1 in shape: one linear layer, rank-2 KPD with block sizes (2,2), (4,2), (8,2), (16,2).
 
 The paper trains a softmax linear layer on MNIST; MNIST cannot be downloaded here, so this uses
 scikit-learn's offline ``load_digits`` (8x8 images, 64 features, 10 classes; 1,347 train / 450 test
@@ -10,7 +10,7 @@ images). For each block size it trains, with the same optimizer budget:
 - a **dense** baseline once.
 
 Columns follow the paper: accuracy, sparsity rate (share of zero blocks, counted with ``abs``),
-training parameters, training FLOPs per sample (forward + backward, seed 001 Proposition 2).
+training parameters, training FLOPs per sample (forward + backward, Zhu et al., Proposition 2).
 Block sizes are given as in the paper, (rows of the in x out weight, columns); internally the
 weight is ``out x in``. Run: ``pip install scikit-learn && python benchmarks/kpd_table1.py``.
 """

@@ -1,4 +1,4 @@
-"""NeuKron (seed 000) vs truncated SVD at equal parameter counts, and per-entry inference time (supplementary Fig. 13).
+"""NeuKron (Kwon et al.) vs truncated SVD at equal parameter counts, and per-entry inference time (supplement Fig. 13).
 
 Error measure (both methods): relative Frobenius error ``||X - Y||_F / ||X||_F``, next to the paper's
 approximation error ``||X - Y||_F^2``. NeuKron's error is computed exactly in ``O(nnz)``
@@ -15,10 +15,11 @@ Matrices:
   weights ``(i + 1)^-0.9``), binary entries;
 - ``multi30k``: word co-occurrence counts (same sentence, at most ``--window`` words apart, both
   directions) among the ``--vocab`` most frequent lower-cased words of Multi30k's English training
-  captions (``train.en.gz`` under ``--multi30k``; skipped with a message when absent).
+  captions (``train.en.gz`` under ``--multi30k``; skipped with a message when the option is not given, an error
+  when the folder lacks the file).
 
-Run: ``python benchmarks/neukron.py --multi30k ../shared/data/multi30k``. The machine this was written
-on is shared and loaded; times are indicative, compare ratios within one run.
+Run: ``python benchmarks/neukron.py [--multi30k DATA/multi30k]``. The machine this was written on is shared and
+loaded; times are indicative, compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def inference_times(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--multi30k", default="../shared/data/multi30k", help="folder with Multi30k's train.en.gz")
+    parser.add_argument("--multi30k", help="folder with Multi30k's train.en.gz (omitted: that matrix is skipped)")
     parser.add_argument("--vocab", type=int, default=500, help="co-occurrence vocabulary (most frequent words)")
     parser.add_argument("--window", type=int, default=2, help="co-occurrence window in words")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4], help="SVD ranks (set the parameter budgets)")
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small models: 1 is fastest)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.multi30k is not None and not os.path.isfile(os.path.join(args.multi30k, "train.en.gz")):
+        parser.error(f"--multi30k {args.multi30k}: no train.en.gz there (give the folder holding Multi30k's files)")
     torch.set_num_threads(args.threads)
 
     header = [
@@ -169,11 +172,11 @@ def main() -> None:
     ]
     print("\n".join(header), flush=True)
     lines = compare("powerlaw", powerlaw_bipartite(1500, 1000, 15_000, 0.9, args.seed), args.ranks, args)
-    if os.path.isfile(os.path.join(args.multi30k, "train.en.gz")):
+    if args.multi30k is not None:
         cooccurrence = multi30k_cooccurrence(args.multi30k, args.vocab, args.window)
         lines += compare("multi30k co-occurrence", cooccurrence, args.ranks, args)
     else:
-        print(f"(multi30k skipped: no train.en.gz under {args.multi30k!r}; pass --multi30k PATH)")
+        print("(multi30k skipped: pass --multi30k DATA/multi30k to include it)")
 
     timing_header = ["| log2 rows = log2 cols | levels | us per entry |", "|---|---|---|"]
     print("\n" + "\n".join(timing_header), flush=True)

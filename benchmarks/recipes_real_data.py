@@ -1,18 +1,18 @@
 """The recipes on real data under a fixed CPU budget: dense vs Shapeshifter vs LowRank on Multi30k De-En, dense vs
 KPD on a CIFAR-10 split. Every model is trained from scratch for ``--seconds`` of training time, then evaluated.
 
-    python benchmarks/recipes_real_data.py /work/shared/data [--seconds 90] [--output-dir /tmp/recipes_bench]
+    python benchmarks/recipes_real_data.py DATA [--seconds 90] [--output-dir /tmp/recipes_bench]
 
 DATA holds ``multi30k/{train,val,test_2016_flickr}.{de,en}.gz`` and ``cifar10/test_images.npz`` (the project's
-shared benchmark data; a fresh clone lacks it and the script says so and exits).
+shared benchmark data; a fresh clone lacks it, and the script then stops with an error naming what is missing).
 
-- Multi30k: a T5 (d_model 256, 3+3 layers) compressed with Shapeshifter (seed 003, section 4.3; embedding rank
+- Multi30k: a T5 (d_model 256, 3+3 layers) compressed with Shapeshifter (Panahi, section 4.3; embedding rank
   32, attention and feed-forward rank 8), the same T5 with LowRank at the same per-role parameter ratios (the
   largest ranks that do not exceed them), and a dense T5 narrowed to about the same parameter count. One shared
   BPE vocabulary of 4,000 tokens trained on the training set. BLEU (sacreBLEU) on all of test_2016_flickr, greedy.
   (the run name "dense (narrow)": the dense model is narrower, so that all three have about the same parameters)
 - CIFAR-10: the 10,000 test images (sorted by class) shuffled with seed 0 and split 9,000 train / 1,000 test;
-  a ViT (32x32, patch 4, d 128, 4 layers) dense and with KPD rank 4, 4x4 blocks (seed 001, eq. 3) plus the l1
+  a ViT (32x32, patch 4, d 128, 4 layers) dense and with KPD rank 4, 4x4 blocks (Zhu et al., eq. 3) plus the l1
   proximal step on S (eq. 4). Top-1 accuracy.
 
 One table: parameters, metric, optimizer steps reached, training and total wall time per run.
@@ -154,16 +154,17 @@ def cifar10(data: Path, output: Path, seconds: float) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", help="folder with multi30k/ and cifar10/ (e.g. /work/shared/data)")
+    parser.add_argument("data", help="folder holding multi30k/ and cifar10/ (see the docstring)")
     parser.add_argument("--seconds", type=float, default=90.0, help="training time budget per run")
     parser.add_argument("--output-dir", default="/tmp/recipes_real_data", help="where the runs write")
     parser.add_argument("--only", choices=("multi30k", "cifar10"), help="run one of the two comparisons")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
     args = parser.parse_args()
     data = Path(args.data)
-    if not (data / "multi30k" / "train.de.gz").is_file() or not (data / "cifar10" / "test_images.npz").is_file():
-        print(f"{data}: no multi30k/ or cifar10/ data here; nothing to run (see the docstring)")
-        return 0
+    needed = {"multi30k": data / "multi30k" / "train.de.gz", "cifar10": data / "cifar10" / "test_images.npz"}
+    missing = [str(path) for name, path in needed.items() if args.only in (None, name) and not path.is_file()]
+    if missing:
+        parser.error(f"data folder {data}: missing {', '.join(missing)} (DATA must hold multi30k/ and cifar10/)")
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)

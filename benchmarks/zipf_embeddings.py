@@ -3,7 +3,7 @@
 Each sample is a bag of ids drawn from a Zipf distribution over a ``--rows`` vocabulary; its
 label is Bernoulli(sigmoid(w . mean(E*[bag]))) for a hidden table ``E*`` whose rows are one of
 a few hundred category centres plus per-id noise (items with categories, the structure CCE's
-clustering looks for, seed 002). Every method trains ``EmbeddingBag(mean) -> Linear(dim, 1)``
+clustering looks for, Tsang & Ahle). Every method trains ``EmbeddingBag(mean) -> Linear(dim, 1)``
 with Adam for the same steps on the same stream, then is scored on held-out samples:
 
 - dense ``nn.EmbeddingBag`` at full size (the reference point, not at the budget),
@@ -11,7 +11,7 @@ with Adam for the same steps on the same stream, then is scored on held-out samp
 - TT-Rec without and with its LFU cache (``TTEmbeddingBag``, the largest rank that fits the budget;
   the cache rows count against it and take a quarter of it; skipped with a note when
   ``kron_transformers.modules.tensor_train`` is not available),
-- CCE with random pointers, and CCE clustered twice (at 25% and 50% of the steps, seed 002's
+- CCE with random pointers, and CCE clustered twice (at 25% and 50% of the steps, Tsang & Ahle's
   "cluster early, then let the model rest").
 
 ```

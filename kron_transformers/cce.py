@@ -1,4 +1,4 @@
-"""CCE training support: clustering, its schedule, table-collapse entropies, the compression measure (seed 002).
+"""CCE training support: clustering, its schedule, table-collapse entropies, the compression measure (Tsang & Ahle).
 
 ```py
 import kron_transformers as kt
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ClusterSchedule:
-    """When to re-cluster, counted in optimizer steps (seed 002, appendix E, Figure 8).
+    """When to re-cluster, counted in optimizer steps (Tsang & Ahle, appendix E, Figure 8).
 
     Give one of ``steps`` (explicit), ``every`` (+ optional ``count``: the paper's "ct2 cf75000"
     is ``every=75000, count=2``) or ``epoch_fractions`` (``[0.5]``: "CCE half", one clustering at
@@ -85,7 +85,7 @@ class ClusteringHook:
     """Mixin of the CCE modules: ``on_train_step`` clusters when ``cluster_schedule`` fires.
 
     ``kt.on_train_step(model, step, optimizer)`` and ``kt.KronTrainingCallback`` call it after
-    each optimizer step (DESIGN.md layer 7); ``schedule_clustering`` sets the schedule.
+    each optimizer step (ARCHITECTURE.md layer 7); ``schedule_clustering`` sets the schedule.
     """
 
     cluster_schedule: ClusterSchedule | None = None
@@ -180,7 +180,7 @@ def cluster(
     seed: int | None = None,
     helper_init: str = "zero",
 ) -> dict[str, float]:
-    """Re-cluster every CCE table in ``module_or_model`` (seed 002, Algorithm 3; appendix "K-means").
+    """Re-cluster every CCE table in ``module_or_model`` (Tsang & Ahle, Algorithm 3; appendix "K-means").
 
     Per column block: k-means on the block of the current rows (FAISS when installed, else
     scikit-learn; ``niter=50``, ``max_points_per_centroid=256`` as the paper), pointers ``h_j``
@@ -223,7 +223,7 @@ def _entropy(codes: torch.Tensor) -> float:
 
 
 def table_entropies(pointers: torch.Tensor | nn.Module) -> dict[str, float]:
-    """Table-collapse entropies of the cluster pointers (seed 002, appendix G), in nats.
+    """Table-collapse entropies of the cluster pointers (Tsang & Ahle, appendix G), in nats.
 
     ``h1`` is the smallest column entropy ``H(h_j)`` (column collapse; at most ``log k``);
     ``h2`` the smallest pair entropy ``H(h_j1, h_j2)`` over column pairs (a column that is a
@@ -253,7 +253,7 @@ def table_entropies(pointers: torch.Tensor | nn.Module) -> dict[str, float]:
 
 @dataclass
 class EmbeddingCompression:
-    """The "Embedding Compression" factor of seed 002 ("Measuring the Embedding Compression factor").
+    """The "Embedding Compression" factor of Tsang & Ahle ("Measuring the Embedding Compression factor").
 
     ``all_tables``: dense entries of every table over the parameters of every table (small
     tables count at full size; the measure of the paper's Figure 4a). ``largest_table``: the
@@ -287,7 +287,7 @@ def _table_sizes(model: nn.Module) -> list[tuple[int, int, int]]:
 
 
 def embedding_compression_factor(tables: nn.Module | Sequence[tuple[int, int, int]]) -> EmbeddingCompression:
-    """Both variants of seed 002's compression measure for a model's embedding tables.
+    """Both variants of Tsang & Ahle's compression measure for a model's embedding tables.
 
     ``tables`` is a model (every ``nn.Embedding``/``nn.EmbeddingBag`` and compressed table,
     shared ones once) or ``(num_embeddings, embedding_dim, parameters)`` triples. The paper's

@@ -12,21 +12,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
 
-from .config import KronConfig
+if TYPE_CHECKING:  # the CLI imports torch, transformers and the package's modules only inside a command
+    from .config import KronConfig
+
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # name or org/name
 
 
 def _progress(message: str) -> None:
     print(f"[kron-transformers] {message}", file=sys.stderr, flush=True)
 
 
+def _existing_model(location: str) -> str:
+    """``location`` itself when it is an existing folder or could be a Hub repo id; else a clear ValueError."""
+    if Path(location).expanduser().exists() or (HUB_REPO_ID.match(location) and ".." not in location):
+        return location
+    raise ValueError(f"{location} does not exist (neither a local folder nor a Hub repo id 'name' or 'org/name')")
+
+
 def _read_config(path: str) -> KronConfig:
+    import yaml
+
+    from .config import KronConfig
+
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"config file {path} does not exist")
@@ -55,6 +70,7 @@ def compress(args: argparse.Namespace) -> None:
     from . import compress_model, push_to_hub, report, write_model_card
     from .integration.checkpoint import model_class_for
 
+    _existing_model(args.model)
     config = _read_config(args.config)
     model_class = model_class_for(AutoConfig.from_pretrained(args.model), args.model_class)
     start = time.perf_counter()
@@ -81,13 +97,13 @@ def show_report(args: argparse.Namespace) -> None:
     from . import report
     from .integration.checkpoint import load_structure
 
-    print(report(load_structure(args.checkpoint, args.model_class)))
+    print(report(load_structure(_existing_model(args.checkpoint), args.model_class)))
 
 
 def decompress(args: argparse.Namespace) -> None:
     from . import decompress_model, from_pretrained
 
-    _progress(f"loading {args.checkpoint}")
+    _progress(f"loading {_existing_model(args.checkpoint)}")
     model = from_pretrained(args.checkpoint)
     _progress("materializing dense weights")
     decompress_model(model)

@@ -1,4 +1,4 @@
-"""Method specs and ``KronConfig``: the serializable description of a compression (DESIGN.md layer 4).
+"""Method specs and ``KronConfig``: the serializable description of a compression (ARCHITECTURE.md layer 4).
 
 A spec says *which* factorization a weight gets and how large it may be (``rank=`` or a
 target ``compression=`` ratio). ``spec.resolve(rows, cols, target)`` turns it into the exact
@@ -42,6 +42,15 @@ LINEAR = "linear"
 EMBEDDING = "embedding"
 
 SPECS: dict[str, type[MethodSpec]] = {}
+
+# The papers each spec implements (``MethodSpec.paper``, shown in model cards)
+PANAHI = "A. Panahi, *Improving Space Efficiency of Deep Neural Networks* (PhD thesis, 2021)"
+ZHU_ET_AL = "D. Zhu, Z. Zuo, M. M. Khalili, *An Efficient Training Algorithm for Models with Block-wise Sparsity*"
+TSANG_AHLE = "H. L. Tsang, T. D. Ahle, *Clustering the Sketch: Dynamic Compression for Embedding Tables* (CCE)"
+YIN_ET_AL = (
+    "C. Yin, B. Acun, X. Liu, C.-J. Wu, *TT-Rec: Tensor Train Compression for Deep Learning Recommendation Model "
+    "Embeddings*"
+)
 
 
 def register_spec(cls: type[MethodSpec]) -> type[MethodSpec]:
@@ -138,7 +147,7 @@ class MethodSpec:
 
 @dataclass
 class _KroneckerSumSpec(MethodSpec):
-    """Shared resolution of the sum-of-Kronecker-products methods (seed 003, eq. 3.4)."""
+    """Shared resolution of the sum-of-Kronecker-products methods (Panahi, eq. 3.4)."""
 
     def factor_shapes_for(self, rows: int, cols: int, target: str, module_name: str) -> FactorShapes:
         raise NotImplementedError
@@ -162,7 +171,7 @@ class _KroneckerSumSpec(MethodSpec):
 @register_spec
 @dataclass
 class Shapeshifter(_KroneckerSumSpec):
-    """Shapeshifter (seed 003, section 4.3): ``W = sum_{k<=r} A_k ⊗ B_k`` with balanced ``A_k, B_k``.
+    """Shapeshifter (Panahi, section 4.3): ``W = sum_{k<=r} A_k ⊗ B_k`` with balanced ``A_k, B_k``.
 
     Equivalent to a rank-r factorization of the ``sqrt(mn) x sqrt(mn)`` rearrangement of ``W``;
     ``2 r sqrt(mn)`` parameters instead of ``mn``.
@@ -173,7 +182,7 @@ class Shapeshifter(_KroneckerSumSpec):
     ```
     """
 
-    paper: ClassVar[str] = "seed 003 (Panahi), section 4.3"
+    paper: ClassVar[str] = f"{PANAHI}, section 4.3"
 
     def factor_shapes_for(self, rows: int, cols: int, target: str, module_name: str) -> FactorShapes:
         return self._balanced(rows, cols, 2, target)
@@ -182,14 +191,14 @@ class Shapeshifter(_KroneckerSumSpec):
 @register_spec
 @dataclass
 class Kronecker(_KroneckerSumSpec):
-    """Sum of Kronecker products of any order with user-given or balanced factor shapes (seed 003, eq. 3.4).
+    """Sum of Kronecker products of any order with user-given or balanced factor shapes (Panahi, eq. 3.4).
 
     ``factor_shapes=[(a_1, b_1), ..., (a_n, b_n)]`` with ``prod a_j >= rows`` and
     ``prod b_j >= cols`` (the weight is padded, then cropped), in the weight's ``(rows, cols)``
     orientation: ``(out, in)`` for linears, ``(vocab, dim)`` for embeddings.
     """
 
-    paper: ClassVar[str] = "seed 003 (Panahi), eq. 3.4"
+    paper: ClassVar[str] = f"{PANAHI}, eq. 3.4"
 
     order: int = field(default=2, metadata={"help": "Number of Kronecker factors per term."})
     factor_shapes: list[list[int]] | None = field(
@@ -217,18 +226,18 @@ class Kronecker(_KroneckerSumSpec):
 @register_spec
 @dataclass
 class Word2KetXS(Kronecker):
-    """word2ketXS (seed 003, section 3.4.2, eq. 3.4): the whole ``d x p`` embedding matrix as
+    """word2ketXS (Panahi, section 3.4.2, eq. 3.4): the whole ``d x p`` embedding matrix as
     ``sum_k ⊗_j F_jk``, rows gathered lazily. Embeddings (and their tied output head) only.
     """
 
     targets: ClassVar[frozenset[str]] = frozenset({EMBEDDING})
-    paper: ClassVar[str] = "seed 003 (Panahi), section 3.4.2"
+    paper: ClassVar[str] = f"{PANAHI}, section 3.4.2"
 
 
 @register_spec
 @dataclass
 class Word2Ket(MethodSpec):
-    """word2ket (seed 003, section 3.3.3, eq. 3.3): each token's vector ``sum_k ⊗_j v_jk``.
+    """word2ket (Panahi, section 3.3.3, eq. 3.3): each token's vector ``sum_k ⊗_j v_jk``.
 
     Embeddings only. ``leaf_dims`` (``q_j``, product >= embedding dim) default to the most
     balanced exact factorization of the dimension; ``layer_norm`` adds the paper's LayerNorm
@@ -236,11 +245,11 @@ class Word2Ket(MethodSpec):
     """
 
     targets: ClassVar[frozenset[str]] = frozenset({EMBEDDING})
-    paper: ClassVar[str] = "seed 003 (Panahi), section 3.3.3"
+    paper: ClassVar[str] = f"{PANAHI}, section 3.3.3"
 
     order: int = field(default=2, metadata={"help": "Number of leaf vectors per rank term."})
     leaf_dims: list[int] | None = field(default=None, metadata={"help": "Size q_j of each leaf vector."})
-    layer_norm: bool = field(default=False, metadata={"help": "LayerNorm at internal tree nodes (seed 003, 3.3.3)."})
+    layer_norm: bool = field(default=False, metadata={"help": "LayerNorm at internal tree nodes (Panahi, 3.3.3)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,12 +282,12 @@ class Word2Ket(MethodSpec):
 class PHM(MethodSpec):
     """Parameterized hypercomplex multiplication: ``W = sum_{i=1..n} C_i ⊗ W_i``, ``C_i`` of shape ``n x n``.
 
-    The baseline seed 003 compares against (section 4.4.1; ``n^3 + mn/n`` parameters). Linears
+    The baseline Panahi compares against (section 4.4.1; ``n^3 + mn/n`` parameters). Linears
     only; both dimensions must be divisible by ``n``. The rank is ``n``.
     """
 
     targets: ClassVar[frozenset[str]] = frozenset({LINEAR})
-    paper: ClassVar[str] = "seed 003 (Panahi), section 4.4.1 (baseline)"
+    paper: ClassVar[str] = f"{PANAHI}, section 4.4.1 (baseline)"
 
     rank: int | None = field(default=None, metadata={"help": "Fixed to n; leave unset."})
     n: int = field(default=4, metadata={"help": "Hypercomplex dimension: n terms, n x n rule matrices."})
@@ -305,7 +314,7 @@ def _tiles(size, rows: int, cols: int) -> bool:
 
 
 def optimal_kpd_block(rows: int, cols: int, rank: int) -> tuple[int, int]:
-    """Block size minimizing KPD's parameters (seed 001, eq. 5, generalized to rank r).
+    """Block size minimizing KPD's parameters (Zhu et al., eq. 5, generalized to rank r).
 
     ``min (1 + r) m1 n1 + r m2 n2`` over ``m1 m2 = rows``, ``n1 n2 = cols`` (``S`` plus ``r``
     pairs ``A_i, B_i``); for ``r = 1`` this is eq. 5, ``2 m1 n1 + m2 n2``. Solved exactly by
@@ -324,21 +333,21 @@ def optimal_kpd_block(rows: int, cols: int, rank: int) -> tuple[int, int]:
 @register_spec
 @dataclass
 class KPD(MethodSpec):
-    """KPD block-sparse Kronecker layer (seed 001, eq. 3): ``W = sum_i (S ⊙ A_i) ⊗ B_i``.
+    """KPD block-sparse Kronecker layer (Zhu et al., eq. 3): ``W = sum_i (S ⊙ A_i) ⊗ B_i``.
 
     ``block_size`` is ``B_i``'s shape in the weight's ``(out, in)`` orientation and must tile
     the weight; when None the parameter-optimal block of eq. 5 is used. Linears only.
     """
 
     targets: ClassVar[frozenset[str]] = frozenset({LINEAR})
-    paper: ClassVar[str] = "seed 001 (Zhu et al.), eq. 3"
+    paper: ClassVar[str] = f"{ZHU_ET_AL}, eq. 3"
 
     block_size: list[int] | None = field(
         default=None, metadata={"help": "(rows, cols) of each block B_i; eq. 5 optimum when None."}
     )
     block_sizes: list[list[int]] | None = field(
         default=None,
-        metadata={"help": "Candidate block sizes for pattern selection (seed 001, section 5, eq. 7)."},
+        metadata={"help": "Candidate block sizes for pattern selection (Zhu et al., section 5, eq. 7)."},
     )
 
     def __post_init__(self) -> None:
@@ -392,9 +401,9 @@ class KPD(MethodSpec):
 @register_spec
 @dataclass
 class LowRank(MethodSpec):
-    """The standard ``(n x r)(r x m)`` factorization, the baseline of seed 003 section 4.4.3."""
+    """The standard ``(n x r)(r x m)`` factorization, the baseline of Panahi, section 4.4.3."""
 
-    paper: ClassVar[str] = "seed 003 (Panahi), section 4.4.3 (baseline)"
+    paper: ClassVar[str] = f"{PANAHI}, section 4.4.3 (baseline)"
 
     def resolve(self, rows: int, cols: int, target: str, module_name: str) -> dict[str, Any]:
         self.check_target(target, module_name, rows, cols)
@@ -407,7 +416,7 @@ class LowRank(MethodSpec):
 @register_spec
 @dataclass
 class CCE(MethodSpec):
-    """Clustered Compositional Embeddings (seed 002, Algorithm 3): ``c`` column blocks, each
+    """Clustered Compositional Embeddings (Tsang & Ahle, Algorithm 3): ``c`` column blocks, each
     ``M_j[h_j(id)] + M'_j[h'_j(id)]`` with two ``table_rows``-row tables; ``2 * table_rows * dim``
     parameters. Embeddings (and their tied output head) only. Give ``table_rows`` or a target
     ``compression``; with neither, ``table_rows = ceil(sqrt(vocab))``. Re-cluster during training
@@ -420,7 +429,7 @@ class CCE(MethodSpec):
     """
 
     targets: ClassVar[frozenset[str]] = frozenset({EMBEDDING})
-    paper: ClassVar[str] = "seed 002 (CCE), Algorithm 3"
+    paper: ClassVar[str] = f"{TSANG_AHLE}, Algorithm 3"
 
     rank: int | None = field(default=None, metadata={"help": "Not used by CCE; leave unset."})
     num_columns: int = field(default=4, metadata={"help": "Column blocks c (hash functions); the paper uses 4."})
@@ -600,7 +609,7 @@ class KronConfig(QuantizationConfigMixin):
 @register_spec
 @dataclass
 class TensorTrain(MethodSpec):
-    """TT-Rec (seed 004, section 3): the embedding table as a tensor train of ``num_cores`` cores.
+    """TT-Rec (Yin et al., section 3): the embedding table as a tensor train of ``num_cores`` cores.
 
     ``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]``, rows built on demand.
     Embeddings only (a tied output head shares the cores). Everything has a default, so
@@ -614,7 +623,7 @@ class TensorTrain(MethodSpec):
     """
 
     targets: ClassVar[frozenset[str]] = frozenset({EMBEDDING})
-    paper: ClassVar[str] = "seed 004 (TT-Rec), section 3"
+    paper: ClassVar[str] = f"{YIN_ET_AL}, section 3"
 
     rank: int | None = field(default=None, metadata={"help": "Unused: set tt_ranks=."})
     num_cores: int = field(default=3, metadata={"help": "Number d of TT cores (>= 2; the paper uses 2-4)."})
@@ -630,7 +639,7 @@ class TensorTrain(MethodSpec):
         metadata={"help": f"Core distribution for KronConfig(init='random'): one of {TT_INITS}."},
     )
     cache_fraction: float = field(
-        default=0.0, metadata={"help": "Share of the rows kept uncompressed in the LFU cache (seed 004, 4.2)."}
+        default=0.0, metadata={"help": "Share of the rows kept uncompressed in the LFU cache (Yin et al., 4.2)."}
     )
     cache_warmup_steps: int = field(default=100, metadata={"help": "Training steps counted before the first fill."})
     cache_refresh_every: int = field(default=1000, metadata={"help": "Steps between cache refills (0: never)."})

@@ -1,4 +1,4 @@
-"""Training KPD layers to block sparsity, choosing the block size, exporting block-sparse weights (seed 001).
+"""Training KPD layers to block sparsity, choosing the block size, exporting block-sparse weights (Zhu et al.).
 
 - ``l1_penalty`` (eq. 4) and ``proximal_step``: plain Adam + l1 never reaches exact zeros, so after each
   optimizer step ``S`` is soft-thresholded, ``S <- sign(S) max(|S| - lr * strength, 0)`` (the proximal
@@ -39,7 +39,7 @@ def kpd_factorizations(model: nn.Module) -> dict[str, KPDFactorization]:
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
-    """``sum_l ||S^[l]||_1`` over all KPD layers (seed 001, eq. 4); multiply by lambda and add to the loss."""
+    """``sum_l ||S^[l]||_1`` over all KPD layers (Zhu et al., eq. 4); multiply by lambda and add to the loss."""
     terms = [factorization.s.abs().sum() for factorization in kpd_factorizations(model).values()]
     if not terms:
         raise ValueError("l1_penalty: the model has no KPD layers (compress it with kt.KPD first)")
@@ -97,7 +97,7 @@ def _zero_fraction(s: torch.Tensor, tolerance: float = 0.0) -> float:
 
 
 def optimal_factor_shapes(m: int, n: int, rank: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Seed 001, eq. 5: ``(m1, n1), (m2, n2)`` minimizing KPD parameters with ``m1 m2 = m``, ``n1 n2 = n``.
+    """Zhu et al., eq. 5: ``(m1, n1), (m2, n2)`` minimizing KPD parameters with ``m1 m2 = m``, ``n1 n2 = n``.
 
     For ``rank = 1`` the objective is eq. 5's ``2 m1 n1 + m2 n2``; for rank r it is ``(1 + r) m1 n1 + r m2 n2``.
     """
@@ -126,7 +126,7 @@ def _group_norms(model: nn.Module) -> torch.Tensor:
 
 
 def pattern_penalty(model: nn.Module, lambda1: float, lambda2: float) -> torch.Tensor:
-    """Seed 001, eq. 7's regularizer: ``lambda1 sum_k ||S^(.,k)||_group + lambda2 sum_k sum_l ||S^(l,k)||_1``."""
+    """Zhu et al., eq. 7's regularizer: ``lambda1 sum_k ||S^(.,k)||_group + lambda2 sum_k sum_l ||S^(l,k)||_1``."""
     l1 = torch.stack([p.s.abs().sum() for layer in _pattern_layers(model).values() for p in layer.patterns]).sum()
     return lambda1 * _group_norms(model).sum() + lambda2 * l1
 
@@ -178,7 +178,7 @@ def finalize_patterns(model: nn.Module) -> int:
 
 @dataclass
 class PatternSelection:
-    """The paper's schedule (seed 001, section 6.1): start at ``lambda1 = lambda2 = 0.01`` and raise both
+    """The paper's schedule (Zhu et al., section 6.1): start at ``lambda1 = lambda2 = 0.01`` and raise both
     by ``increment`` every ``every_epochs`` epochs; usable from any loop, or through ``KPDPatternCallback``.
     """
 
@@ -221,7 +221,7 @@ class KPDPatternCallback(TrainerCallback):
 
 @dataclass
 class LayerReport:
-    """Seed 001's table columns for one KPD layer."""
+    """Zhu et al.'s table columns for one KPD layer."""
 
     name: str
     block_size: tuple[int, int]
@@ -233,7 +233,7 @@ class LayerReport:
 
 
 def training_flops(rows: int, cols: int, block_size: tuple[int, int], rank: int, batch: int = 1) -> int:
-    """Forward + backward flops of a KPD layer, seed 001 Proposition 2 (``m x n`` weight, ``N = batch``)."""
+    """Forward + backward flops of a KPD layer, Zhu et al., Proposition 2 (``m x n`` weight, ``N = batch``)."""
     m, n, N, r = rows, cols, batch, rank
     m2, n2 = block_size
     m1, n1 = m // m2, n // n2
@@ -277,7 +277,7 @@ def layer_report(model: nn.Module, batch: int = 1) -> list[LayerReport]:
 @torch.no_grad()
 def to_block_sparse(model: nn.Module) -> nn.Module:
     """Replace each ``KPDLinear`` by a ``BlockSparseLinear`` holding ``W = sum_i (S ⊙ A_i) ⊗ B_i``'s non-zero
-    blocks (seed 001: "during inference, our algorithm directly uses block-wise sparse matrices").
+    blocks (Zhu et al.: "during inference, our algorithm directly uses block-wise sparse matrices").
 
     Outputs are unchanged; the recorded structure is updated so the model saves and reloads.
     """

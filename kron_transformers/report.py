@@ -45,9 +45,10 @@ class CompressionReport:
         return self.total_before / max(self.total_after, 1)
 
     def __str__(self) -> str:
+        with_init = any(m.init_error is not None for m in self.modules)  # none after init="random"
         with_outputs = any(m.output_error is not None for m in self.modules)
-        header = ("module", "role", "method", "shape", "structure", "dense", "compressed", "ratio", "init error")
-        header += ("output error",) if with_outputs else ()
+        header = ("module", "role", "method", "shape", "structure", "dense", "compressed", "ratio")
+        header += ("init error",) * with_init + ("output error",) * with_outputs
         rows = [header]
         for m in self.modules:
             row = (
@@ -59,22 +60,40 @@ class CompressionReport:
                 f"{m.dense_parameters:,}",
                 f"{m.compressed_parameters:,}",
                 f"{m.ratio:.1f}x",
-                "" if m.init_error is None else f"{m.init_error:.4f}",
             )
-            rows.append(row + (("" if m.output_error is None else f"{m.output_error:.4f}"),) if with_outputs else row)
+            row += (_error(m.init_error),) * with_init + (_error(m.output_error),) * with_outputs
+            rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * width for width in widths))
+        if with_init:
+            lines.append(INIT_ERROR_LEGEND)
+        if with_outputs:
+            lines.append(OUTPUT_ERROR_LEGEND)
         for head, embedding in self.tied.items():
             lines.append(f"{head}: tied to {embedding} (shares its factors)")
         if self.embedding_compression is not None:
             factor = self.embedding_compression
             lines.append(
-                f"embedding compression (seed 002): {factor.all_tables:.1f}x over all {factor.tables} tables, "
+                f"embedding compression (Tsang & Ahle): {factor.all_tables:.1f}x over all {factor.tables} tables, "
                 f"{factor.largest_table:.1f}x on the largest"
             )
         lines.append(f"model parameters: {self.total_before:,} -> {self.total_after:,} ({self.ratio:.2f}x smaller)")
         return "\n".join(lines)
+
+
+INIT_ERROR_LEGEND = (
+    "init error: ||W - W_hat||_F / ||W||_F, the relative Frobenius error of the initialized weight (blank: not fitted)"
+)
+OUTPUT_ERROR_LEGEND = (
+    "output error: ||(W - W_hat) C^(1/2)||_F / ||W C^(1/2)||_F, C the calibration inputs' second moment (embeddings: "
+    "rows weighted by token frequency); init='calibrated' minimizes this one, so its init error can exceed 1 "
+    "(directions the inputs never excite are left free)"
+)
+
+
+def _error(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def _describe_structure(structure: dict) -> str:
@@ -102,9 +121,10 @@ def _describe_structure(structure: dict) -> str:
 def report(model: nn.Module) -> CompressionReport:
     """Parameters before/after for each compressed module and for the whole model.
 
-    For ``init="svd"``/``"calibrated"`` each row also carries the relative approximation error
-    ``||W - W_hat||_F / ||W||_F`` measured when the module was initialized and, when calibration data
-    was given, the relative output error ``||(W - W_hat) X^T|| / ||W X^T||`` on that data.
+    Rows follow the model's module order. For ``init="svd"``/``"calibrated"`` each row also carries the
+    relative approximation error ``||W - W_hat||_F / ||W||_F`` measured when the module was initialized
+    and, when calibration data was given, the relative output error ``||(W - W_hat) C^(1/2)||_F /
+    ||W C^(1/2)||_F`` on that data (``C = E[x x^T]``); the table's last lines say which norm each column is.
     """
     config = applied_config(model)
     result = CompressionReport()
@@ -113,7 +133,9 @@ def report(model: nn.Module) -> CompressionReport:
         result.total_before = result.total_after
         return result
     saved = 0
-    for name, entry in config.modules.items():
+    position = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    in_model_order = sorted(config.modules.items(), key=lambda item: position.get(item[0], len(position)))
+    for name, entry in in_model_order:  # config.json stores the records sorted by name
         if entry["kind"] == KIND_TIED_HEAD:
             result.tied[name] = entry["tied_to"]
             continue

@@ -1,4 +1,4 @@
-"""``compress_model`` / ``decompress_model``: model surgery over any HF model (DESIGN.md layer 5).
+"""``compress_model`` / ``decompress_model``: model surgery over any HF model (ARCHITECTURE.md layer 5).
 
 Everything is validated and every replacement is built before the first module is swapped,
 so a bad config raises with the model untouched.
@@ -6,12 +6,13 @@ so a bad config raises with the model untouched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,11 +52,14 @@ logger = logging.getLogger(__name__)
 
 CONFIG_ATTRIBUTE = "quantization_config"
 ORIGINAL_TIES_ATTRIBUTE = "_kron_original_tied_weights_keys"
+ORIGINAL_IGNORE_ON_SAVE_ATTRIBUTE = "_kron_original_keys_to_ignore_on_save"
 
 KIND_LINEAR = "linear"
 KIND_EMBEDDING = "embedding"
 KIND_TIED_HEAD = "tied_head"
 KIND_BLOCK_SPARSE = "block_sparse"  # a KPD layer exported by kron_transformers.kpd.to_block_sparse
+
+_COMPRESSION_LISTENERS: list[Callable[[nn.Module, KronConfig | None], None]] = []
 
 ROLE_FIELDS = {EMBEDDING_ROLE: "embedding", ATTENTION_ROLE: "attention", FFN_ROLE: "ffn", LM_HEAD_ROLE: "lm_head"}
 
@@ -150,6 +154,34 @@ def _warn_unmatched(config: KronConfig, infos: list[ModuleInfo]) -> None:
             warnings.warn(f"KronConfig.rules: {key!r} matched no linear or embedding module", stacklevel=3)
 
 
+def _structure_parameters(structure: dict[str, Any], rows: int, cols: int) -> int:
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialized
+        return build_factorization(structure, rows, cols).num_parameters()
+
+
+def _warn_if_not_compressing(name: str, spec: MethodSpec, structure: dict[str, Any], rows: int, cols: int) -> None:
+    """Warn (PEFT-like: the model still builds) when a spec gives at least as many numbers as the dense weight."""
+    dense = rows * cols
+    compressed = _structure_parameters(structure, rows, cols)
+    if compressed < dense:
+        return
+    advice = "choose smaller sizes in the spec"
+    rank = structure.get("rank")
+    if getattr(spec, "rank", None) is not None and isinstance(rank, int):  # the user's rank (PHM's rank is its n)
+        per_rank = _structure_parameters({**structure, "rank": 2}, rows, cols) - _structure_parameters(
+            {**structure, "rank": 1}, rows, cols
+        )
+        fixed = _structure_parameters({**structure, "rank": 1}, rows, cols) - per_rank
+        useful = (dense - 1 - fixed) // per_rank if per_rank > 0 else 0
+        advice = f"rank <= {useful} compresses" if useful >= 1 else "no rank of this spec compresses it"
+        advice += "; or use compression= (a target ratio > 1)"
+    warnings.warn(
+        f"{name}: {spec.method} gives {compressed:,} parameters for the {rows}x{cols} weight ({dense:,} dense), "
+        f"so it does not compress; {advice}",
+        stacklevel=4,
+    )
+
+
 def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan]:
     """Resolve every module's spec and structure; raise ``ValueError`` before any change."""
     candidates = [info for info in roles.modules.values() if is_linear(info.module) or is_embedding(info.module)]
@@ -184,6 +216,7 @@ def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan
             for info in group:
                 _embed_scale(info.module, info.name)  # validates custom embedding classes
             structure = spec.resolve(rows, cols, EMBEDDING, embedding_info.name)
+            _warn_if_not_compressing(embedding_info.name, spec, structure, rows, cols)
             plans.append(_Plan(embedding_info, KIND_EMBEDDING, spec, structure, rows, cols, group))
             if roles.tied_head:
                 plans.append(_Plan(roles.info(head), KIND_TIED_HEAD, None, None, rows, cols))
@@ -198,10 +231,12 @@ def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan
             rows, cols = info.module.weight.shape
             _embed_scale(info.module, info.name)
             structure = spec.resolve(rows, cols, EMBEDDING, info.name)
+            _warn_if_not_compressing(info.name, spec, structure, rows, cols)
             plans.append(_Plan(info, KIND_EMBEDDING, spec, structure, rows, cols, [info]))
         else:
             rows, cols = _weight_matrix(info.module).shape
             structure = spec.resolve(rows, cols, LINEAR, info.name)
+            _warn_if_not_compressing(info.name, spec, structure, rows, cols)
             plans.append(_Plan(info, KIND_LINEAR, spec, structure, rows, cols))
     return plans
 
@@ -212,6 +247,12 @@ def _initialize(
     """Fill ``factorization`` by ``init``. ``calibrated`` weights linears by their input second moment and
     embeddings by token frequency; it falls back to ``svd`` (recording why) where no weighted solver
     exists (order > 2, word2ket with LayerNorm) or the layer saw no calibration input."""
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(
+            f"{plan.info.name}: its {plan.rows}x{plan.cols} weight holds {bad} NaN/inf entries, so it cannot be "
+            f"factorized (init={init!r}); fix or reload the weights, or exclude {plan.info.name!r}"
+        )
     second_moment = stats.second_moment(plan.info.name) if stats is not None else None
     frequency = stats.token_frequency(plan.info.name) if stats is not None and plan.kind == KIND_EMBEDDING else None
     if init == "random":
@@ -351,8 +392,12 @@ def _rewrite_tied_weights_keys(model: nn.Module) -> None:
 
     transformers computes ``all_tied_weights_keys`` in ``post_init`` and ``tie_weights`` would
     otherwise try to assign a ``weight`` Parameter onto a compressed module (REFERENCES.md part 2,
-    pitfalls 2-4). Ties not involving compressed modules (BERT's decoder bias) are kept.
+    pitfalls 2-4). Ties not involving compressed modules (BERT's decoder bias) are kept. The tied
+    factor copies are declared in ``_keys_to_ignore_on_save`` (with each enclosing model's prefix), as
+    transformers expects of keys a checkpoint leaves out because they are tied: ``Trainer`` then re-ties
+    them when it resumes instead of reporting them missing.
     """
+    tied_factor_keys: list[str] = []  # full names in ``model``
     for prefix, submodel in _pretrained_submodels(model):
         original = getattr(submodel, "_tied_weights_keys", None)
         if not original:
@@ -368,12 +413,19 @@ def _rewrite_tied_weights_keys(model: nn.Module) -> None:
             if shared is not None and shared is getattr(source_module, "factorization", None):
                 target_base, source_base = target.rpartition(".")[0], source.rpartition(".")[0]
                 for parameter_name, _ in shared.named_parameters():
-                    rewritten[f"{target_base}.factorization.{parameter_name}"] = (
-                        f"{source_base}.factorization.{parameter_name}"
-                    )
+                    key = f"{target_base}.factorization.{parameter_name}"
+                    rewritten[key] = f"{source_base}.factorization.{parameter_name}"
+                    tied_factor_keys.append(f"{prefix}.{key}" if prefix else key)
         if ORIGINAL_TIES_ATTRIBUTE not in submodel.__dict__:
             setattr(submodel, ORIGINAL_TIES_ATTRIBUTE, original)
         submodel._tied_weights_keys = rewritten
+    for prefix, submodel in _pretrained_submodels(model):
+        if ORIGINAL_IGNORE_ON_SAVE_ATTRIBUTE not in submodel.__dict__:
+            setattr(submodel, ORIGINAL_IGNORE_ON_SAVE_ATTRIBUTE, submodel._keys_to_ignore_on_save)
+        start = len(prefix) + 1 if prefix else 0
+        own = {key[start:] for key in tied_factor_keys if not prefix or key.startswith(prefix + ".")}
+        original_ignored = set(submodel.__dict__[ORIGINAL_IGNORE_ON_SAVE_ATTRIBUTE] or ())
+        submodel._keys_to_ignore_on_save = (original_ignored | own) or None
     _refresh_tied_keys(model)
 
 
@@ -394,6 +446,8 @@ def _restore_tied_weights_keys(model: nn.Module) -> None:
     for _, submodel in _pretrained_submodels(model):
         if ORIGINAL_TIES_ATTRIBUTE in submodel.__dict__:
             submodel._tied_weights_keys = submodel.__dict__.pop(ORIGINAL_TIES_ATTRIBUTE)
+        if ORIGINAL_IGNORE_ON_SAVE_ATTRIBUTE in submodel.__dict__:
+            submodel._keys_to_ignore_on_save = submodel.__dict__.pop(ORIGINAL_IGNORE_ON_SAVE_ATTRIBUTE)
     _refresh_tied_keys(model)
 
 
@@ -415,18 +469,26 @@ def mark_compressed(model: nn.Module, config: KronConfig | None) -> None:
     """Record (or, with None, remove) the applied config; HF models also get the quantizer attributes.
 
     A model compressed in memory must look like one loaded from a compressed checkpoint, or
-    transformers' save and Trainer checks diverge (REFERENCES.md part 2, pitfall 8).
+    transformers' save and Trainer checks diverge (REFERENCES.md part 2, pitfall 8): the transformers
+    integration adds a listener (``add_compression_listener``) that attaches or detaches its quantizer.
     """
-    from .integration.hf_quantizer import attach_quantizer, detach_quantizer
-
     holder = _config_holder(model)
     if config is None:
         if hasattr(holder, CONFIG_ATTRIBUTE):
             delattr(holder, CONFIG_ATTRIBUTE)
-        detach_quantizer(model)
     else:
         setattr(holder, CONFIG_ATTRIBUTE, config)
-        attach_quantizer(model, config)
+    for listener in _COMPRESSION_LISTENERS:
+        listener(model, config)
+
+
+def add_compression_listener(listener: Callable[[nn.Module, KronConfig | None], None]) -> None:
+    """Call ``listener(model, config)`` whenever ``mark_compressed`` records (or, with None, removes) a config.
+
+    The transformers integration registers itself here, so surgery never imports it.
+    """
+    if listener not in _COMPRESSION_LISTENERS:
+        _COMPRESSION_LISTENERS.append(listener)
 
 
 def plan_compression(model: nn.Module, config: KronConfig) -> list[_Plan]:
@@ -506,8 +568,24 @@ def swap_in(model: nn.Module, config: KronConfig, order: list[_Plan]) -> None:
         if plan.init_error is not None:
             logger.info("%s: %s init relative error %.4f", plan.info.name, plan.spec.method, plan.init_error)
 
+    _own_config(model)
     mark_compressed(model, dataclasses.replace(copy.deepcopy(config), modules=records))
     _rewrite_tied_weights_keys(model)
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` (and its submodules holding the same object) a private copy of ``model.config``.
+
+    ``from_config(cfg)`` shares ``cfg`` among every model built from it; recording the compression on
+    the shared object would mark those other models compressed too.
+    """
+    shared = getattr(model, "config", None)
+    if shared is None:
+        return
+    private = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = private
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -557,6 +635,17 @@ def _check_absent_module_is_another_head(model: nn.Module, name: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _record_must_fit(name: str, entry: dict[str, Any], rows: int, cols: int) -> Iterator[None]:
+    """Building from a ``config.json`` record that does not fit raises a ValueError naming the module."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{name}: the recorded structure {entry.get('structure')} does not fit its {rows}x{cols} shape: {error}"
+        ) from None
+
+
 @torch.no_grad()
 def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
     """Swap in factorized modules exactly as recorded in ``config.modules``, before weights load.
@@ -586,7 +675,8 @@ def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
                 replacement = TiedFactorizedHead(embeddings[tied_to], getattr(current, "bias", None))
                 entry["tied_to"] = tied_to
             elif entry["kind"] == KIND_EMBEDDING:
-                factorization = build_factorization(entry["structure"], rows, cols)
+                with _record_must_fit(name, entry, rows, cols):
+                    factorization = build_factorization(entry["structure"], rows, cols)
                 replacement = FactorizedEmbedding.wrap(factorization, entry["padding_idx"], entry["embed_scale"])
                 embeddings[paths[0]] = replacement
                 shared_members = []
@@ -606,9 +696,10 @@ def rebuild_structure(model: nn.Module, config: KronConfig) -> KronConfig:
                     cols, rows, tuple(block_size), nonzero_blocks, entry["bias"], entry["layout"]
                 )
             else:
-                replacement = FactorizedLinear.from_structure(
-                    entry["structure"], cols, rows, entry["bias"], entry["layout"]
-                )
+                with _record_must_fit(name, entry, rows, cols):
+                    replacement = FactorizedLinear.from_structure(
+                        entry["structure"], cols, rows, entry["bias"], entry["layout"]
+                    )
         for path in paths:
             set_module(model, path, replacement)
         entry["aliases"] = paths[1:]

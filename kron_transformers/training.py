@@ -1,7 +1,7 @@
-"""Training-time hooks of the compressed layers (DESIGN.md layer 7).
+"""Training-time hooks of the compressed layers (ARCHITECTURE.md layer 7).
 
 Some methods need work between optimizer steps: TT-Rec's cache warm-up and repopulation
-(seed 004, section 4.2), CCE's re-clustering (seed 002, Algorithm 1). A module that needs
+(Yin et al., section 4.2), CCE's re-clustering (Tsang & Ahle, Algorithm 1). A module that needs
 it defines
 
 ```py

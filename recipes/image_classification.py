@@ -3,7 +3,7 @@
 ```bash
 python recipes/image_classification.py             # offline default: small ViT from a config, built-in images
 python recipes/image_classification.py --compression vit_tiny_kpd_cifar100 \\
-    --dataset_name uoft-cs/cifar100                   # seed 001 Table 3 (ViT-tiny, KPD rank 4, 4x4 blocks)
+    --dataset_name uoft-cs/cifar100                   # Zhu et al., Table 3 (ViT-tiny, KPD rank 4, 4x4 blocks)
 python recipes/image_classification.py --train_file images/train --validation_file images/val   # image folders
 ```
 
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from recipe_kit import builtin
-from recipe_kit.arguments import parse_arguments
+from recipe_kit.arguments import TEXT_ONLY, parse_arguments
 from recipe_kit.errors import run_main
 from recipe_kit.images import image_task
 from recipe_kit.loop import make_accelerator, train
@@ -41,7 +41,7 @@ DEFAULTS = dict(
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    arguments = parse_arguments(DEFAULTS, argv)
+    arguments = parse_arguments(DEFAULTS, argv, unused=TEXT_ONLY)
     accelerator = make_accelerator(arguments.train)
     return train(image_task(arguments, builtin.images, SMALL_VIT), arguments, accelerator)
 

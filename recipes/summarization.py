@@ -3,7 +3,7 @@
 ```bash
 python recipes/summarization.py                    # offline default: small T5 from a config, built-in corpus
 python recipes/summarization.py --compression summarization_word2ketxs \\
-    --dataset_name Harvard/gigaword                  # seed 003 Table 1's setting on a T5 (see the preset)
+    --dataset_name Harvard/gigaword                  # Panahi, Table 1's setting on a T5 (see the preset)
 python recipes/summarization.py --train_file train.jsonl --validation_file dev.jsonl \\
     --source_column document --target_column subject
 ```
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from recipe_kit import builtin
-from recipe_kit.arguments import parse_arguments
+from recipe_kit.arguments import IMAGE_ONLY, parse_arguments
 from recipe_kit.errors import run_main
 from recipe_kit.loop import make_accelerator, train
 from recipe_kit.metrics import rouge
@@ -39,7 +39,7 @@ DEFAULTS = dict(
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    arguments = parse_arguments(DEFAULTS, argv)
+    arguments = parse_arguments(DEFAULTS, argv, unused=IMAGE_ONLY)
     accelerator = make_accelerator(arguments.train)
     task = seq2seq_task("summarization", arguments, builtin.summarization, ("document", "summary"), rouge, SMALL_T5)
     return train(task, arguments, accelerator)

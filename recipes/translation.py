@@ -4,7 +4,7 @@
 python recipes/translation.py                      # offline default: small T5 from a config, built-in corpus
 python recipes/translation.py --compression t5_small_shapeshifter_iwslt14 \\
     --train_file iwslt14/train --validation_file iwslt14/valid --test_file iwslt14/test \\
-    --source_lang de --target_lang en               # seed 003 Table 5 on fairseq-prepared IWSLT'14 De-En
+    --source_lang de --target_lang en               # Panahi, Table 5 on fairseq-prepared IWSLT'14 De-En
 accelerate launch recipes/translation.py ...        # several processes / GPUs, unchanged
 ```
 
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from recipe_kit import builtin
-from recipe_kit.arguments import parse_arguments
+from recipe_kit.arguments import IMAGE_ONLY, parse_arguments
 from recipe_kit.errors import run_main
 from recipe_kit.loop import make_accelerator, train
 from recipe_kit.metrics import bleu
@@ -41,7 +41,7 @@ DEFAULTS = dict(
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    arguments = parse_arguments(DEFAULTS, argv)
+    arguments = parse_arguments(DEFAULTS, argv, unused=IMAGE_ONLY)
     accelerator = make_accelerator(arguments.train)
     task = seq2seq_task("translation", arguments, builtin.translation, ("source", "target"), bleu, SMALL_T5)
     return train(task, arguments, accelerator)

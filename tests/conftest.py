@@ -22,6 +22,8 @@ from transformers.utils import logging as hf_logging
 
 
 hf_logging.set_verbosity_error()
+torch.set_num_threads(1)  # tiny tensors: a second thread only contends (einsums 8-24x slower, loaded)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the tests' subprocesses
 
 VOCAB = 99
 

@@ -3,7 +3,7 @@
 It implements what the installed `huggingface_hub` (2.x) calls for `model.push_to_hub(...)`, then
 `from_pretrained(...)`, `snapshot_download(...)`, `list_repo_files(...)` and `ModelCard.load(...)`:
 
-    POST      /api/repos/create                            create_repo (409 if the repo exists)
+    POST      /api/repos/create                            create_repo (409 with its url if the repo exists)
     POST      /api/validate-yaml                           README metadata check (always valid)
     GET       /api/models/{repo_id}[/revision/{rev}]       model_info / repo_info / repo_exists / resolve_revision
     GET       /api/models/{repo_id}/tree/{rev}[/{path}]    list_repo_tree / list_repo_files (see below)
@@ -63,9 +63,9 @@ class _Commit(NamedTuple):
 
 
 class _HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra or {}
 
 
 class FakeHub:
@@ -164,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": error.message}
             if error.code:
                 headers["X-Error-Code"] = error.code
-            self._send_json({"error": error.message}, error.status, headers)
+            self._send_json({"error": error.message, **error.extra}, error.status, headers)
 
     do_GET = do_HEAD = do_POST = do_PUT = _dispatch
 
@@ -187,8 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(400, "The fake hub only has model repos, with a namespace ('user/name')")
         repo_id = f"{payload['organization']}/{payload['name']}"
         with self.hub._lock:
-            if repo_id in self.hub._repos:
-                raise _HubError(409, "You already created this model repo")
+            if repo_id in self.hub._repos:  # as on the real Hub, the 409 names the url (create_repo(exist_ok=True))
+                url = f"{self.hub.url}/{repo_id}"
+                raise _HubError(409, "You already created this model repo", extra={"url": url})
             self.hub._repos[repo_id] = _Commit(hashlib.sha1(repo_id.encode()).hexdigest(), {})
         self._send_json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
 

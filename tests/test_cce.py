@@ -1,4 +1,4 @@
-"""CCE (seed 002): lookups, bags, tied head, clustering, schedules, entropies, compression factor, checkpoints."""
+"""CCE (Tsang & Ahle): lookups, bags, tied head, clustering, schedules, entropies, compression factor, checkpoints."""
 
 from __future__ import annotations
 
@@ -360,7 +360,7 @@ def test_compress_model_round_trip(arch, tmp_path):
     record = next(iter(kt.applied_config(model).modules.values()))
     assert record["init"] == "svd" and 0 < record["init_error"] < 1  # k-means of the dense table
     text = str(kt.report(model))
-    assert "CCE" in text and "4 columns, 12 rows" in text and "embedding compression (seed 002)" in text
+    assert "CCE" in text and "4 columns, 12 rows" in text and "embedding compression (Tsang & Ahle)" in text
     assert cce.schedule_clustering(model, cce.ClusterSchedule(steps=[1]), niter=5) == 1  # T5: 3 modules, 1 table
     assert len(kt.on_train_step(model, 1)) == 3  # h1, h2, kmeans_error of the one table
     with torch.no_grad():

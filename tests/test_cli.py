@@ -11,12 +11,21 @@ from conftest import build_model, make_inputs
 from transformers import AutoModelForSeq2SeqLM
 
 import kron_transformers as kt
+from kron_transformers.cli import main
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kron_transformers.cli", *args], capture_output=True, text=True, timeout=300
     )
+
+
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same command run by ``main`` in this process: no second interpreter start-up (torch, transformers)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 CONFIG_YAML = """
@@ -27,7 +36,7 @@ init: svd
 """
 
 
-def test_compress_report_card_decompress(tmp_path):
+def test_compress_report_card_decompress(tmp_path, capsys):
     dense = build_model("t5")
     dense.save_pretrained(tmp_path / "dense")
     (tmp_path / "cfg.yaml").write_text(CONFIG_YAML)
@@ -50,17 +59,19 @@ def test_compress_report_card_decompress(tmp_path):
         torch.testing.assert_close(compressed(**inputs).logits, expected(**inputs).logits, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "kron" / "README.md").read_text().startswith("---\nlibrary_name: transformers")
 
-    report = cli("report", str(tmp_path / "kron"))
+    report = cli_here(capsys, "report", str(tmp_path / "kron"))
     assert report.returncode == 0, report.stderr
     assert str(kt.report(compressed)) == report.stdout.strip()
 
     (tmp_path / "metrics.json").write_text(json.dumps({"bleu": 3.25}))
-    card = cli("card", str(tmp_path / "kron"), "--metrics", str(tmp_path / "metrics.json"), "--repo-id", "me/t5")
+    card = cli_here(
+        capsys, "card", str(tmp_path / "kron"), "--metrics", str(tmp_path / "metrics.json"), "--repo-id", "me/t5"
+    )
     assert card.returncode == 0, card.stderr
     text = (tmp_path / "kron" / "README.md").read_text()
     assert "| bleu | 3.25 |" in text and 'from_pretrained("me/t5")' in text
 
-    result = cli("decompress", str(tmp_path / "kron"), "--output", str(tmp_path / "plain"))
+    result = cli_here(capsys, "decompress", str(tmp_path / "kron"), "--output", str(tmp_path / "plain"))
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "quantization_config" not in config
@@ -70,7 +81,7 @@ def test_compress_report_card_decompress(tmp_path):
         torch.testing.assert_close(plain(**inputs).logits, compressed(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path):
+def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"attention": {"method": "Shapeshifter"}}')
     build_model("bert").save_pretrained(tmp_path / "dense")
     cases = [
@@ -86,7 +97,7 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path):
         ),
         ("compress", str(tmp_path / "dense"), "--config", str(tmp_path / "bad.json"), "--output", str(tmp_path / "o")),
     ]
-    results = [cli(*args) for args in cases]
+    results = [cli(*cases[0])] + [cli_here(capsys, *args) for args in cases[1:]]  # one through the entry point
     for args, result in zip(cases, results):
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr

@@ -87,7 +87,7 @@ def _parameters(structure, rows, cols):
 
 
 def test_optimal_kpd_block_matches_seed_001_example_1():
-    """Seed 001, Example 1: m = 2^3, n = 2^8, rank 1 -> m1 n1 = 32 and 128 parameters."""
+    """Zhu et al., Example 1: m = 2^3, n = 2^8, rank 1 -> m1 n1 = 32 and 128 parameters."""
     m2, n2 = optimal_kpd_block(8, 256, 1)
     m1, n1 = 8 // m2, 256 // n2
     assert m1 * n1 == 32

@@ -44,7 +44,7 @@ def reference_dense(factorization) -> torch.Tensor:
         return full[:rows, :cols]
     if isinstance(factorization, KPDFactorization):
         s, a, b = factorization.s, factorization.a, factorization.b
-        return sum(torch.kron(s * a[i], b[i]) for i in range(factorization.rank))  # seed 001, eq. 3
+        return sum(torch.kron(s * a[i], b[i]) for i in range(factorization.rank))  # Zhu et al., eq. 3
     if isinstance(factorization, LowRankFactorization):
         return factorization.left @ factorization.right
     if isinstance(factorization, Word2KetFactorization):

@@ -85,3 +85,12 @@ def test_model_card_snapshot_and_listings(fake_hub, pushed_model):
     snapshot, listing, lfs, missing = run_client(fake_hub, HUB_API, REPO_ID).splitlines()
     files = " ".join(fake_hub.files(REPO_ID))
     assert (snapshot, listing, lfs, missing) == (files, files, "model.safetensors", "no card")
+
+
+def test_second_push_to_the_same_repo(fake_hub, pushed_model, tmp_path):
+    """create_repo(exist_ok=True) reads the url from the Hub's 409 reply; the second push then commits."""
+    before = fake_hub.latest_commit(REPO_ID, "main").sha
+    expected = str(tmp_path / "second.safetensors")
+    run_client(fake_hub, PUSH.replace("manual_seed(0)", "manual_seed(1)"), REPO_ID, expected)
+    assert fake_hub.latest_commit(REPO_ID, "main").sha != before
+    run_client(fake_hub, LOAD, REPO_ID, expected)

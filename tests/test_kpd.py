@@ -1,4 +1,4 @@
-"""KPD block sparsity (seed 001): proximal l1, freezing, eq. 5 shapes, pattern selection, block-sparse export."""
+"""KPD block sparsity (Zhu et al.): proximal l1, freezing, eq. 5 shapes, pattern selection, block-sparse export."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def test_layer_report_counts_as_proposition_2():
     model = nn.Sequential(nn.Linear(784, 10))
     kt.compress_model(model, kt.KronConfig(default=kt.KPD(rank=2, block_size=(2, 2)), target_modules=["0"]))
     (report,) = kt.kpd.layer_report(model)
-    assert report.training_parameters == 5 * 392 + 2 * (5 * 392 + 4)  # seed 001 Table 1: 5.89K at (2, 2)
+    assert report.training_parameters == 5 * 392 + 2 * (5 * 392 + 4)  # Zhu et al., Table 1: 5.89K at (2, 2)
     m, n, m1, n1, m2, n2, r = 10, 784, 5, 392, 2, 2, 2
     forward = 2 * r * m1 * n1 * (m2 + n2) - r * (m + 2 * m2 * n1) + 3 * m
     backward = r * ((2 * n1 * m2 * (n2 + m1) - n1 * m2 + m1 * n1) + (2 * m1 * n2 * (m2 + n1) + m1 * n1 - n2 * m1))

@@ -1,4 +1,4 @@
-"""NeuKron (seed 000): digit layout, exact norms and errors, fitting, reordering, inputs, save/load."""
+"""NeuKron (Kwon et al.): digit layout, exact norms and errors, fitting, reordering, inputs, save/load."""
 
 import json
 import math

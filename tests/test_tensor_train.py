@@ -1,4 +1,4 @@
-"""TT-Rec (seed 004): tensor-train ops, factorization, TTEmbedding / TTEmbeddingBag, LFU cache, kt.TensorTrain."""
+"""TT-Rec (Yin et al.): tensor-train ops, factorization, TTEmbedding / TTEmbeddingBag, LFU cache, kt.TensorTrain."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def random_cores(shapes, ranks, dtype=torch.float64, seed=0):
 
 
 def explicit_table(cores, rows, cols):
-    """``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` as one einsum (seed 004, eq. 2)."""
+    """``W[(i..), (j..)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` in one einsum (Yin et al., eq. 2)."""
     d = len(cores)
     bonds, row_letters, col_letters = string.ascii_uppercase[: d + 1], "abcdefgh"[:d], "ijklmnop"[:d]
     inputs = ",".join(f"{bonds[k]}{row_letters[k]}{col_letters[k]}{bonds[k + 1]}" for k in range(d))
@@ -166,7 +166,7 @@ def test_sampled_gaussian_init_gives_entries_close_to_normal_with_variance_one_o
 def test_tail_sampling_makes_a_product_of_cores_gaussian_like():
     torch.manual_seed(0)
     rows = 8000
-    # Seed 004, Algorithm 3: without the tail sampling a product of 3 normal cores has kurtosis 3^3 = 27.
+    # Yin et al., Algorithm 3: without the tail sampling a product of 3 normal cores has kurtosis 3^3 = 27.
     _, _, sampled_kurtosis = entry_statistics(kt.TTEmbedding(rows, 64, tt_ranks=1).materialize())
     _, _, normal_kurtosis = entry_statistics(kt.TTEmbedding(rows, 64, tt_ranks=1, init="glorot").materialize())
     assert 2.5 < sampled_kurtosis < 4.0 and normal_kurtosis > 10

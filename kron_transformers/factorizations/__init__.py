@@ -1,4 +1,4 @@
-"""Parameter containers for one structured weight matrix (DESIGN.md layer 1)."""
+"""Parameter containers for one structured weight matrix (ARCHITECTURE.md layer 1)."""
 
 from ..kernels import mixed_radix_digits
 from .base import FACTORIZATIONS, Factorization, build_factorization, register_factorization

@@ -1,4 +1,4 @@
-"""The interface every factorization of one weight matrix implements (DESIGN.md layer 1)."""
+"""The interface every factorization of one weight matrix implements (ARCHITECTURE.md layer 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Clustered Compositional Embeddings (CCE, seed 002, Algorithm 3 and appendix D-G).
+"""Clustered Compositional Embeddings (CCE, Tsang & Ahle, Algorithm 3 and appendix D-G).
 
 The ``(rows, cols)`` table is split into ``c`` column blocks ("columns"); block ``j`` of row
 ``i`` is ``M_j[h_j(i)] + M'_j[h'_j(i)]`` with two small tables ``M_j, M'_j`` of ``m`` rows and
@@ -47,7 +47,7 @@ def default_table_rows(num_embeddings: int) -> int:
 def universal_hash(num_ids: int, buckets: int, num_functions: int, seed: int, device=None) -> torch.Tensor:
     """``(num_ids, num_functions)`` int32 pointers ``h_f(x) = ((a_f x + b_f) mod p) mod buckets``.
 
-    Carter-Wegman universal hashing (seed 002, appendix C) with ``p = 2^31 - 1``,
+    Carter-Wegman universal hashing (Tsang & Ahle, appendix C) with ``p = 2^31 - 1``,
     ``a_f in [1, p)``, ``b_f in [0, p)`` drawn from ``seed``; products stay below ``2^62``.
     """
     if num_ids > MERSENNE_PRIME:
@@ -63,7 +63,7 @@ def universal_hash(num_ids: int, buckets: int, num_functions: int, seed: int, de
 
 @register_factorization
 class CCEFactorization(Factorization):
-    """CCE table: row ``i`` is ``concat_j (M_j[h_j(i)] + M'_j[h'_j(i)])`` (seed 002, Algorithm 3).
+    """CCE table: row ``i`` is ``concat_j (M_j[h_j(i)] + M'_j[h'_j(i)])`` (Tsang & Ahle, Algorithm 3).
 
     ``table`` (``M``) and ``helper_table`` (``M'``) are ``(table_rows, cols)`` Parameters whose
     column block ``j`` is ``M_j`` / ``M'_j``; ``pointers`` (``h``) and ``helper_pointers``
@@ -150,7 +150,7 @@ class CCEFactorization(Factorization):
         seed: int = 0,
         helper_init: str = "zero",
     ) -> None:
-        """One CCE clustering of a ``(rows, cols)`` table (seed 002, Algorithm 3).
+        """One CCE clustering of a ``(rows, cols)`` table (Tsang & Ahle, Algorithm 3).
 
         Per block ``j``: k-means with ``table_rows`` centroids on ``table[:, block_j]``; ``h_j`` =
         cluster ids, ``M_j`` = centroids; ``h'_j`` re-hashed with a new universal hash from

@@ -2,20 +2,27 @@
 
 - ``rearrange`` / ``nearest_kronecker_sum``: the Van Loan-Pitsianis rearrangement. For
   order 2, ``||W - sum_k A_k ⊗ B_k||_F = ||R(W) - sum_k vec(A_k) vec(B_k)^T||_F``, so the
-  truncated SVD of ``R(W)`` is the optimal rank-r Kronecker sum (Eckart-Young; seed 003,
-  section 4.3; seed 001, eq. 2).
+  truncated SVD of ``R(W)`` is the optimal rank-r Kronecker sum (Eckart-Young; Panahi,
+  section 4.3; Zhu et al., eq. 2).
 - ``cp_als``: for order n > 2 the same rearrangement gives an order-n tensor whose rank-r
   CP decomposition is the Kronecker sum; there is no closed form, so we start from the
   HOSVD subspaces and refine by alternating least squares. Batched, so word2ket's per-row
-  CP (seed 003, eq. 3.3) uses the same solver.
+  CP (Panahi, eq. 3.3) uses the same solver.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import string
+import time
 
 import torch
+
+
+logger = logging.getLogger(__name__)
+
+SLOW_CP_SECONDS = 30.0  # a CP-ALS expected to run longer logs its estimate, then its progress at this interval
 
 
 def rearrange(weight: torch.Tensor, factor_shapes: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -99,7 +106,8 @@ def cp_als(tensor: torch.Tensor, rank: int, iterations: int = 100, tolerance: fl
     norm = tensor.flatten(1).norm(dim=1).clamp_min(1e-300)
     previous_error = None
     eye = torch.eye(rank, dtype=tensor.dtype, device=tensor.device)
-    for _ in range(iterations):
+    progress = _Progress(f"rank-{rank} CP-ALS of a {'x'.join(map(str, dims))} tensor (batch {batch})", iterations)
+    for iteration in range(iterations):
         for mode in range(order):
             others = [j for j in range(order) if j != mode]
             operands = [tensor] + [factors[j] for j in others]
@@ -111,10 +119,43 @@ def cp_als(tensor: torch.Tensor, rank: int, iterations: int = 100, tolerance: fl
             damping = 1e-12 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
             factors[mode] = torch.linalg.solve(gram + damping[:, None, None] * eye, mttkrp)
         error = (tensor - cp_reconstruct(factors)).flatten(1).norm(dim=1) / norm
+        progress.update(iteration + 1, float(error.max()))
         if previous_error is not None and (previous_error - error).abs().max() < tolerance:
             break
         previous_error = error
     return balance_scales(factors)
+
+
+class _Progress:
+    """Logs a long CP-ALS: after the first iteration an estimate when it exceeds ``SLOW_CP_SECONDS``, then a
+    line per ``SLOW_CP_SECONDS`` (iteration, relative error, time left); silent for short runs."""
+
+    def __init__(self, what: str, iterations: int) -> None:
+        self.what, self.iterations = what, iterations
+        self.start = self.last = time.perf_counter()
+        self.slow = False
+
+    def update(self, done: int, error: float) -> None:
+        now = time.perf_counter()
+        left = (now - self.start) / done * (self.iterations - done)
+        if done == 1 and left > SLOW_CP_SECONDS:
+            self.slow = True
+            logger.warning(
+                "%s: up to %d iterations, about %.0f s; a lower rank (or init='random') is faster",
+                self.what,
+                self.iterations,
+                left + now - self.start,
+            )
+        elif self.slow and now - self.last >= SLOW_CP_SECONDS:
+            self.last = now
+            logger.warning(
+                "%s: iteration %d/%d, relative error %.4f, at most %.0f s left",
+                self.what,
+                done,
+                self.iterations,
+                error,
+                left,
+            )
 
 
 def cp_reconstruct(factors: list[torch.Tensor]) -> torch.Tensor:

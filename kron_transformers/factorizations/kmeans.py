@@ -1,4 +1,4 @@
-"""K-means for CCE's clustering step (seed 002, appendix "K-means" and "Reproducibility").
+"""K-means for CCE's clustering step (Tsang & Ahle, appendix "K-means" and "Reproducibility").
 
 FAISS (Johnson et al.) when installed, as the paper recommends, scikit-learn otherwise, with
 the paper's settings: ``niter=50`` Lloyd iterations on at most ``max_points_per_centroid=256``
@@ -80,7 +80,7 @@ def kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(centroids (clusters, d), assignment (n,))`` of the ``(n, d)`` points.
 
-    K-means factors the points as a tall one-hot matrix times the centroids (seed 002,
+    K-means factors the points as a tall one-hot matrix times the centroids (Tsang & Ahle,
     Figure 5). With fewer points than clusters only ``n`` centroids are fitted and the rest are
     zero rows that no point uses; centroids are never NaN (empty clusters keep the k-means
     library's centroid, which both libraries re-seed rather than average over nothing).

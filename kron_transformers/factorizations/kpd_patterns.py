@@ -1,4 +1,4 @@
-"""KPD pattern selection: one KPD term per candidate block size, summed (seed 001, section 5)."""
+"""KPD pattern selection: one KPD term per candidate block size, summed (Zhu et al., section 5)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .kronecker import KPDFactorization
 class KPDPatternFactorization(Factorization):
     """``W = sum_k sum_i (S^(k) ⊙ A_i^(k)) ⊗ B_i^(k)``, pattern ``k`` with block size ``block_sizes[k]``.
 
-    Trained with the group penalty of seed 001 eq. 7 until one pattern's ``S^(k)`` is all that
+    Trained with the group penalty of Zhu et al., eq. 7 until one pattern's ``S^(k)`` is all that
     is left non-zero; ``kron_transformers.kpd.finalize_patterns`` then keeps that pattern alone.
     """
 

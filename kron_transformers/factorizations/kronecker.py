@@ -70,7 +70,7 @@ def factored_is_cheaper(x: torch.Tensor, factors: Sequence[torch.Tensor], rows: 
 class KroneckerSum(Factorization):
     """``W = sum_{k=1..r} F_1k ⊗ F_2k ⊗ ... ⊗ F_nk``, each ``F_jk`` of shape ``(a_j, b_j)``.
 
-    Seed 003: eq. 3.4 (word2ketXS, order n) and section 4.3 (Shapeshifter, order 2, the
+    Panahi: eq. 3.4 (word2ketXS, order n) and section 4.3 (Shapeshifter, order 2, the
     rank-r factorization of the rearranged matrix). ``prod a_j >= rows``, ``prod b_j >= cols``:
     the padded matrix is cropped. Factors are stored as ``factors[j]`` of shape ``(r, a_j, b_j)``.
     """
@@ -148,7 +148,7 @@ def _divides(size: int, block: int) -> bool:
 
 @register_factorization
 class KPDFactorization(Factorization):
-    """``W = sum_{i=1..r} (S ⊙ A_i) ⊗ B_i`` with ``S`` shared across ``i`` (seed 001, eq. 3).
+    """``W = sum_{i=1..r} (S ⊙ A_i) ⊗ B_i`` with ``S`` shared across ``i`` (Zhu et al., eq. 3).
 
     ``S, A_i: (m1, n1)``, ``B_i: (m2, n2)``; ``(m2, n2)`` is the block size, so a zero in ``S``
     zeroes one ``m2 x n2`` block of ``W``. Rows and columns must be multiples of the block.

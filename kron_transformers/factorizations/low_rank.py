@@ -1,4 +1,4 @@
-"""The plain low-rank baseline ``W = U V`` the seed papers compare against (seed 003, 4.4.3)."""
+"""The plain low-rank baseline ``W = U V`` Panahi compares against (section 4.4.3)."""
 
 from __future__ import annotations
 

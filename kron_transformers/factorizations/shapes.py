@@ -2,7 +2,7 @@
 
 A matrix ``W`` of shape ``(rows, cols)`` written as ``sum_k F_1k ⊗ ... ⊗ F_nk`` with
 ``F_jk`` of shape ``(a_j, b_j)`` needs ``prod a_j >= rows`` and ``prod b_j >= cols``
-(DESIGN.md, "The math"; the matrix is zero-padded, then cropped). It costs
+(ARCHITECTURE.md, "The math"; the matrix is zero-padded, then cropped). It costs
 ``r * sum_j a_j b_j`` parameters.
 """
 
@@ -98,7 +98,7 @@ def balanced_factor_shapes(
     ``tolerance`` where allowed and better balanced); the ``a`` are then sorted ascending and
     the ``b`` descending, which minimizes ``sum_j a_j b_j`` (rearrangement inequality). Balanced
     sides matter: ``(1 x m) ⊗ (n x 1)`` has the same parameter count but is only a rank-1 outer
-    product, while ``sqrt(n) x sqrt(m)`` factors are Shapeshifter's (seed 003, section 4.3).
+    product, while ``sqrt(n) x sqrt(m)`` factors are Shapeshifter's (Panahi, section 4.3).
     """
     row_factors = balanced_factors(rows, order, pad_rows, tolerance)
     col_factors = balanced_factors(cols, order, pad_cols, tolerance)

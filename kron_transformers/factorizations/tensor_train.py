@@ -1,6 +1,6 @@
-"""TT-Rec: an embedding table as a tensor train of small cores, plus an LFU cache of hot rows (seed 004).
+"""TT-Rec: an embedding table as a tensor train of small cores, plus an LFU cache of hot rows (Yin et al.).
 
-``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` (seed 004, section 2,
+``W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` (Yin et al., section 2,
 eq. 2) with ``G_k`` of shape ``(R_{k-1}, m_k, n_k, R_k)``, ``R_0 = R_d = 1``, ``prod m_k >= rows``
 (the vocabulary side is padded, padded rows are never read) and ``prod n_k >= cols`` (automatic
 shapes factor the embedding side exactly). ``sum_k R_{k-1} m_k n_k R_k`` parameters.
@@ -105,7 +105,7 @@ def _tail_kurtosis(threshold: float) -> float:
 def sampled_gaussian_threshold(num_cores: int) -> float:
     """Tail threshold ``t`` of the sampled Gaussian: the product of ``d`` draws has kurtosis 3.
 
-    Seed 004, section 3.2 and Algorithm 3: each core entry is redrawn from ``N(0, 1)`` while it is
+    Yin et al., section 3.2 and Algorithm 3: each core entry is redrawn from ``N(0, 1)`` while it is
     close to zero, so the product of the cores is close to Gaussian instead of sharply peaked (the
     product of ``d`` standard normals has kurtosis ``3^d``). Kurtoses of independent factors
     multiply, so ``t`` solves ``kurtosis(|w| >= t)^d = 3`` (``t ~ 0.98`` for ``d = 3``) by bisection.
@@ -148,9 +148,9 @@ class IndexParameter(nn.Parameter):
 
 @register_factorization
 class TensorTrainFactorization(Factorization):
-    """TT-matrix table (seed 004, eq. 2), cores ``cores[k]: (R_{k-1}, m_k, n_k, R_k)``, with an optional LFU cache.
+    """TT-matrix table (Yin et al., eq. 2), cores ``cores[k]: (R_{k-1}, m_k, n_k, R_k)``, with an optional LFU cache.
 
-    The cache (seed 004, section 4.2) holds ``cache_size`` uncompressed, trainable rows
+    The cache (Yin et al., section 4.2) holds ``cache_size`` uncompressed, trainable rows
     (``cache_weight``, a Parameter) for the ids in the sorted integer ``cache_ids`` (``-1`` = empty
     slot). Those rows replace the TT rows in ``gather_rows`` and ``materialize`` (gradients reach
     the cache rows only); the rest come from the cores. ``record_lookups`` counts ids while training;
@@ -221,7 +221,7 @@ class TensorTrainFactorization(Factorization):
         return len(self.tt_shapes)
 
     def default_std(self) -> float:
-        """Entry std of a fresh table: ``sqrt(1 / 3n)`` (sampled Gaussian, seed 004 Table 1) or Glorot's."""
+        """Entry std of a fresh table: ``sqrt(1 / 3n)`` (sampled Gaussian, Yin et al., Table 1) or Glorot's."""
         if self.init == SAMPLED_GAUSSIAN:
             return math.sqrt(1.0 / (3.0 * self.rows))
         return math.sqrt(2.0 / (self.rows + self.cols))
@@ -275,7 +275,7 @@ class TensorTrainFactorization(Factorization):
         An entry is a sum of ``prod_k R_k`` uncorrelated products of ``d`` core entries, so core
         entries of variance ``s^2 v`` give ``Var(W) = prod_k R_k (s^2 v)^d``. ``sampled_gaussian``
         draws core entries from the tails ``|w| >= t`` of ``N(0, 1)`` (``v = E[w^2 | |w| >= t]``,
-        seed 004 Algorithm 3, ``t`` from ``sampled_gaussian_threshold``); ``glorot`` from ``N(0, 1)``
+        Yin et al., Algorithm 3, ``t`` from ``sampled_gaussian_threshold``); ``glorot`` from ``N(0, 1)``
         (``v = 1``; with the default ``std = sqrt(2 / (rows + cols))`` this is T3nsor's Glorot init).
         """
         threshold = sampled_gaussian_threshold(self.num_cores) if self.init == SAMPLED_GAUSSIAN else 0.0
@@ -327,7 +327,7 @@ class TensorTrainFactorization(Factorization):
         factorization.fit(weight)
         return factorization
 
-    # --- LFU cache (seed 004, section 4.2) -------------------------------------------------------
+    # --- LFU cache (Yin et al., section 4.2) -------------------------------------------------------
 
     def _cache_slots(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot of each id in the sorted ``cache_ids`` and whether it is cached."""
@@ -436,7 +436,7 @@ class TensorTrainFactorization(Factorization):
     def write_back(self, ids: torch.Tensor, rows: torch.Tensor, anchor_ids: torch.Tensor) -> tuple[float, float]:
         """Fit the cores so ``W[ids] ~ rows`` while ``W[anchor_ids]`` stays; returns the relative error before/after.
 
-        The reference discards trained cache rows on eviction (seed 004, section 4.2). Here
+        The reference discards trained cache rows on eviction (Yin et al., section 4.2). Here
         ``cache_write_back_steps`` iterations of L-BFGS (strong Wolfe line search) minimize
         ``||W[ids] - rows||^2 / ||rows||^2 + ||W[anchors] - W_old[anchors]||^2 / ||W_old[anchors]||^2``
         over all cores (in at least float32): the second term keeps the rows the cores still serve from drifting.

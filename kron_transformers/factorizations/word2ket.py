@@ -1,4 +1,4 @@
-"""word2ket: one order-n, rank-r tensor per token (seed 003, section 3.3.3, eq. 3.3)."""
+"""word2ket: one order-n, rank-r tensor per token (Panahi, section 3.3.3, eq. 3.3)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .decompositions import cp_als, truncated_svd_factors
 class Word2KetFactorization(Factorization):
     """Row ``v = sum_{k=1..r} v_1k ⊗ v_2k ⊗ ... ⊗ v_nk`` with ``v_jk in R^{q_j}`` per token.
 
-    The product is evaluated as a balanced binary tree (seed 003, 3.3.3); with
+    The product is evaluated as a balanced binary tree (Panahi, 3.3.3); with
     ``layer_norm=True`` a LayerNorm is applied at every internal node of the tree, per rank
     term, as the paper proposes (the public reference leaves them commented out, so it is
     off by default). ``prod q_j >= cols``; extra columns are cropped. Leaves are stored as

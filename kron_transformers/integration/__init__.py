@@ -1,4 +1,4 @@
-"""transformers integration: the ``"kron"`` quantizer plugin and checkpoint helpers (DESIGN.md layer 6)."""
+"""transformers integration: the ``"kron"`` quantizer plugin and checkpoint helpers (ARCHITECTURE.md layer 6)."""
 
 from .checkpoint import from_pretrained
 from .hf_quantizer import KronHfQuantizer

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 
 from ..config import QUANT_METHOD, KronConfig
-from ..surgery import applied_config, decompress_model, rebuild_structure
+from ..surgery import add_compression_listener, applied_config, decompress_model, rebuild_structure
 from .hub import bind_push_to_hub, unbind_push_to_hub
 from .safetensors_check import check_finite_factors, check_single_layout, validate_checkpoint_files
 from .saving import bind_save_pretrained, unbind_save_pretrained
@@ -118,3 +118,13 @@ def detach_quantizer(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
                 module.config._is_quantized = False
+
+
+def _sync_quantizer(model: nn.Module, config: KronConfig | None) -> None:
+    if config is None:
+        detach_quantizer(model)
+    else:
+        attach_quantizer(model, config)
+
+
+add_compression_listener(_sync_quantizer)

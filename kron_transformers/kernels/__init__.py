@@ -1,4 +1,4 @@
-"""Op boundaries of the compressed layers (DESIGN.md layer 2).
+"""Op boundaries of the compressed layers (ARCHITECTURE.md layer 2).
 
 Plain tensor ops with no dependency on the rest of the package: the factorizations call
 these functions and nothing lower-level, so a fused kernel can replace each one without

@@ -1,4 +1,4 @@
-"""PyTorch reference for ``x W^T`` with ``W`` in block-sparse row (BSR) form (seed 001, section 4, inference).
+"""PyTorch reference for ``x W^T`` with ``W`` in block-sparse row (BSR) form (Zhu et al., section 4, inference).
 
 ``W`` (``out x in``) is given by its non-zero blocks ``values (nnz, m2, n2)``, ``crow_indices`` (one entry per
 block row, plus one) and ``col_indices (nnz)``, as ``torch.sparse_bsr_tensor`` stores it. Zero blocks cost

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference ops for tensor-train (TT-matrix) tables (seed 004, section 2 eq. 2, section 3.1 eq. 3).
+"""Pure-PyTorch reference ops for tensor-train (TT-matrix) tables (Yin et al., section 2 eq. 2, section 3.1 eq. 3).
 
 A ``(rows, cols)`` table is held as ``d`` cores, ``cores[k]`` of shape ``(R_{k-1}, m_k, n_k, R_k)``
 with ``R_0 = R_d = 1``. Row ``i = (i_1..i_d)`` (mixed radix over ``m_1..m_d``, ``i_1`` most
@@ -38,7 +38,7 @@ def _check_cores(cores: Sequence[torch.Tensor], owner: str) -> None:
 
 
 def tt_gather_rows(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
-    """Rows ``W[ids]`` of a TT-matrix, ``(*ids.shape, cols)``, without forming ``W`` (seed 004, eq. 3, Algorithm 1).
+    """Rows ``W[ids]`` of a TT-matrix, ``(*ids.shape, cols)``, without forming ``W`` (Yin et al., eq. 3, Algorithm 1).
 
     The ids are deduplicated (``torch.unique``) so each distinct row is built once; for each the
     row is the chain ``T_1 = G_1[:, i_1]`` (``n_1 x R_1``), ``T_k = reshape(T_{k-1}, (N_{k-1}, R_{k-1}))
@@ -75,7 +75,7 @@ def tt_embedding_bag(
     mode: str,
 ) -> torch.Tensor:
     """Bags of TT rows pooled as ``nn.EmbeddingBag`` (``mode`` sum/mean, ``include_last_offset=False``): TT-Rec's
-    TT-EmbeddingBag (seed 004, section 4.1). The distinct ids are built once (the chain of ``tt_gather_rows``),
+    TT-EmbeddingBag (Yin et al., section 4.1). The distinct ids are built once (the chain of ``tt_gather_rows``),
     then pooled.
     """
     _check_cores(cores, "tt_embedding_bag")
@@ -86,7 +86,7 @@ def tt_embedding_bag(
 
 
 def tt_materialize(cores: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
-    """The dense table ``W`` (seed 004, eq. 2), cropped to ``(rows, cols)``.
+    """The dense table ``W`` (Yin et al., eq. 2), cropped to ``(rows, cols)``.
 
     Contracts the cores left to right keeping the row and column digits apart:
     ``S_k[(i_1..i_k), (j_1..j_k), r_k] = sum_r S_{k-1}[..., r] G_k[r, i_k, j_k, r_k]``.

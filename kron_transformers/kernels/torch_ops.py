@@ -3,7 +3,7 @@
 These are the op boundaries the fused kernels replace: each takes the factors
 ``F_j`` stacked over the rank as tensors of shape ``(r, a_j, b_j)`` and represents
 ``W = sum_k F_1k ⊗ F_2k ⊗ ... ⊗ F_nk`` (most significant digit first, as ``torch.kron``),
-cropped to the true ``(rows, cols)`` (DESIGN.md, "The math").
+cropped to the true ``(rows, cols)`` (ARCHITECTURE.md, "The math").
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], out_features: 
     """``x @ W.T`` without forming ``W``: contract one factor per mode (Van Loan 2000).
 
     For order 2 this is ``vec(sum_k F_1k X F_2k^T)`` with ``x`` reshaped to ``(b_1, b_2)``
-    (seed 001, section 3). Input ``x`` has shape ``(..., cols)``; the result ``(..., out_features)``.
+    (Zhu et al., section 3). Input ``x`` has shape ``(..., cols)``; the result ``(..., out_features)``.
     """
     order = len(factors)
     in_sizes = [f.shape[2] for f in factors]
@@ -110,7 +110,7 @@ def kron_vectors_tree(
 ) -> torch.Tensor:
     """Kronecker product of vectors ``v_1 ⊗ ... ⊗ v_n`` along the last axis, as a balanced tree.
 
-    ``((v_1 ⊗ v_2) ⊗ (v_3 ⊗ v_4))`` rather than a left fold (seed 003, section 3.3.3), so the
+    ``((v_1 ⊗ v_2) ⊗ (v_3 ⊗ v_4))`` rather than a left fold (Panahi, section 3.3.3), so the
     sequential depth is ``O(log n)``. ``normalizers`` (word2ket's optional LayerNorms), one per
     internal node in the order the nodes are formed (level by level, left to right), are applied to
     those nodes; leading axes broadcast.
@@ -132,7 +132,7 @@ def kron_gather_rows(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: i
     """Rows ``W[ids]`` built from one row of each factor: ``sum_k ⊗_j F_jk[i_j, :]``.
 
     ``ids`` of any shape are split into mixed-radix digits ``(i_1..i_n)`` over the factor row
-    counts, most significant first (seed 003, eq. 3.4 and the lazy-row formula after it).
+    counts, most significant first (Panahi, eq. 3.4 and the lazy-row formula after it).
     Cost ``O(r * prod(b))`` per id; the table is never formed.
     """
     radices = tuple(f.shape[1] for f in factors)
@@ -147,5 +147,5 @@ def kron_gather_rows(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: i
 def kpd_matmul(
     x: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_features: int
 ) -> torch.Tensor:
-    """``x (sum_i (S ⊙ A_i) ⊗ B_i)^T`` (seed 001, eq. 3): ``kron_matmul`` on the factors ``[S ⊙ A, B]``."""
+    """``x (sum_i (S ⊙ A_i) ⊗ B_i)^T`` (Zhu et al., eq. 3): ``kron_matmul`` on the factors ``[S ⊙ A, B]``."""
     return kron_matmul(x, [scale * a, b], out_features)

@@ -1,4 +1,4 @@
-"""Triton block-sparse matmul ``y = x W^T`` for ``W`` in BSR form, skipping the zero blocks (seed 001, section 4).
+"""Triton block-sparse matmul ``y = x W^T`` for ``W`` in BSR form, skipping the zero blocks (Zhu et al., section 4).
 
 Program ``(rows, block row i, column tile)`` loops only over the stored blocks of block row ``i``
 (``crow_indices[i] .. crow_indices[i + 1]``), so the cost is ``N * nnz * m2 * n2`` multiply-adds; block rows

@@ -3,7 +3,7 @@
 Same contract as :func:`kron_transformers.kernels.torch_ops.kron_gather_rows`: factors ``F_j`` of
 shape ``(r, a_j, b_j)``, row ``W[id] = sum_k F_1k[i_1, :] ⊗ ... ⊗ F_nk[i_n, :]`` with the digits
 ``(i_1..i_n)`` of ``id`` in the mixed radix ``(a_1..a_n)``, most significant first, cropped to
-``cols`` (seed 003, eq. 3.4 and the lazy-row formula after it).
+``cols`` (Panahi, eq. 3.4 and the lazy-row formula after it).
 
 Forward. The row index ``p < prod b`` splits as ``p = h * b_n + c``: ``h`` runs over the
 "head" digits ``(c_1..c_{n-1})`` and ``c`` over the last factor's columns. Each program builds

@@ -1,8 +1,8 @@
 """Fused Triton kernels for the order-2 Kronecker-sum linear layer ``Y = X (sum_k A_k ⊗ B_k)^T``.
 
-Seed 003 section 4.3 (Shapeshifter), seed 001 eq. 3 (KPD, ``A_k -> S ⊙ A_k``). With a row ``x_n`` viewed as
+Panahi, section 4.3 (Shapeshifter), Zhu et al., eq. 3 (KPD, ``A_k -> S ⊙ A_k``). With a row ``x_n`` viewed as
 ``X_n`` of shape ``(b1, b2)`` (``torch.kron`` order, padded with zeros to ``b1 * b2`` columns),
-``Y_n = sum_k A_k X_n B_k^T`` of shape ``(a1, a2)``, cropped to ``out_features`` (DESIGN.md, "The math").
+``Y_n = sum_k A_k X_n B_k^T`` of shape ``(a1, a2)``, cropped to ``out_features`` (ARCHITECTURE.md, "The math").
 
 Forward, one launch: each program owns a tile of rows and output columns; per chunk of ``j1`` (any ``b1``) and
 rank term it forms ``T = X_n B_k^T`` for its rows in registers (``(b1-chunk * rows, a2-tile)``, laid out so that

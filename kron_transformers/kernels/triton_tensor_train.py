@@ -1,13 +1,13 @@
-"""Fused Triton tensor-train row gather and embedding bag (TT-Rec, seed 004).
+"""Fused Triton tensor-train row gather and embedding bag (TT-Rec, Yin et al.).
 
 Cores ``G_k`` of shape ``(R_{k-1}, m_k, n_k, R_k)``, ``R_0 = R_d = 1``; a row id splits into the
 mixed-radix digits ``(i_1..i_d)`` over ``(m_1..m_d)``, most significant first, and the row is
 
     ``W[id, (j_1..j_d)] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]``
 
-flattened with ``j_1`` most significant and cropped to ``cols`` (seed 004, section 2 eq. 1-2 and
+flattened with ``j_1`` most significant and cropped to ``cols`` (Yin et al., section 2 eq. 1-2 and
 section 3.1 eq. 3). The bag pools rows as ``nn.EmbeddingBag``: ``bag_b = reduce_{t in bag b} w_t W[id_t]``
-with ``reduce`` a sum or a mean (seed 004, section 4.1 eq. 6-7, TT-EmbeddingBag, Algorithm 1).
+with ``reduce`` a sum or a mean (Yin et al., section 4.1 eq. 6-7, TT-EmbeddingBag, Algorithm 1).
 
 Forward. The row index splits as ``p = h * n_d + c`` with ``h`` the head digits ``(j_1..j_{d-1})``.
 One program builds a ``(BLOCK_H, n_d)`` tile of a row in registers: the chain of small per-index
@@ -21,7 +21,7 @@ Backward, without atomics on hot rows (REFERENCES.md section 5 and "Kernels"; FB
 ``w_t g_b`` (``/ |bag|`` for the mean) while the ids are deduplicated by sorting and summed per
 unique id (one segmented sum); one program per unique id runs the chain backwards,
 ``dG_k[a, i_k, j, b] = sum_{h: j_k(h) = j} s_{k-1}(h)[a] g_k(h)[b]`` with ``g_k`` the gradient of
-the state after core ``k`` (seed 004, eq. 4-5 and Algorithm 2); a second segmented sum adds these
+the state after core ``k`` (Yin et al., eq. 4-5 and Algorithm 2); a second segmented sum adds these
 per-id slices per core row.
 
 Memory: the forward writes only its output. The backward's fp32 workspaces are ``(N, cols)``

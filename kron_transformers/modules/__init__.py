@@ -1,4 +1,4 @@
-"""The ``nn.Module``s users see (DESIGN.md layer 3)."""
+"""The ``nn.Module``s users see (ARCHITECTURE.md layer 3)."""
 
 from .block_sparse import BlockSparseLinear
 from .cce import CCEEmbedding, CCEEmbeddingBag

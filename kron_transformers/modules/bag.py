@@ -4,7 +4,7 @@ Shared by the bag modules of every embedding compressor (TT-Rec, CCE, ...): the 
 batch are deduplicated, the rows of the unique ids are built once by the compressor's
 ``gather_rows``, and ``F.embedding_bag`` pools them over that small table. Each hot id is
 therefore computed once per batch and its gradient reaches the factors as one summed row
-(seed 004, section 4.1, "unique indices"), with PyTorch's own pooling, offsets,
+(Yin et al., section 4.1, "unique indices"), with PyTorch's own pooling, offsets,
 ``per_sample_weights`` and ``padding_idx`` rules.
 """
 

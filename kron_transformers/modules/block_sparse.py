@@ -1,4 +1,4 @@
-"""Inference module holding a KPD layer's block-sparse dense weight (seed 001, section 4, inference)."""
+"""Inference module holding a KPD layer's block-sparse dense weight (Zhu et al., section 4, inference)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class BlockSparseLinear(nn.Module):
     weight = dense_weight_property()
 
     def num_nonzeros(self) -> int:
-        """Stored weight entries (the non-zero blocks), the inference size of seed 001's tables."""
+        """Stored weight entries (the non-zero blocks), the inference size of Zhu et al.'s tables."""
         return self.values.numel()
 
     def extra_repr(self) -> str:

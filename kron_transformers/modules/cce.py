@@ -1,6 +1,6 @@
 """``CCEEmbedding`` / ``CCEEmbeddingBag``: clustered compositional embeddings, drop-in for ``nn.Embedding(Bag)``.
 
-Seed 002: row ``i`` is ``concat_j (M_j[h_j(i)] + M'_j[h'_j(i)])`` over ``c`` column blocks;
+Tsang & Ahle: row ``i`` is ``concat_j (M_j[h_j(i)] + M'_j[h'_j(i)])`` over ``c`` column blocks;
 ``kt.cce.cluster`` (or a ``ClusterSchedule``) replaces the hashed pointers ``h_j`` by k-means
 cluster ids during training.
 """
@@ -35,7 +35,7 @@ def _cce_table(
 
 
 class CCEEmbedding(ClusteringHook, FactorizedEmbedding):
-    """Drop-in ``nn.Embedding`` with a CCE table (seed 002): ``2 * table_rows * embedding_dim`` parameters.
+    """Drop-in ``nn.Embedding`` with a CCE table (Tsang & Ahle): ``2 * table_rows * embedding_dim`` parameters.
 
     ```py
     emb = CCEEmbedding(50000, 768)                        # 4 columns, table_rows = ceil(sqrt(50000)) = 224
@@ -61,7 +61,7 @@ EMBEDDING_CLASSES[CCEFactorization] = CCEEmbedding
 
 
 class CCEEmbeddingBag(ClusteringHook, FactorizedEmbeddingBag):
-    """Drop-in ``nn.EmbeddingBag`` with a CCE table (seed 002).
+    """Drop-in ``nn.EmbeddingBag`` with a CCE table (Tsang & Ahle).
 
     ``forward(input, offsets=None, per_sample_weights=None)`` pools the rows of each bag with
     ``nn.EmbeddingBag``'s rules (``mode`` sum/mean/max, ``padding_idx`` entries skipped,

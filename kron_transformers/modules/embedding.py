@@ -1,4 +1,4 @@
-"""Drop-in replacements for ``nn.Embedding`` and the tied output head (DESIGN.md layer 3)."""
+"""Drop-in replacements for ``nn.Embedding`` and the tied output head (ARCHITECTURE.md layer 3)."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ class FactorizedEmbedding(FactorizedTable):
 
 
 class KronEmbedding(FactorizedEmbedding):
-    """word2ketXS / Shapeshifter embedding: ``E = sum_k ⊗_j F_jk`` (seed 003, eq. 3.4).
+    """word2ketXS / Shapeshifter embedding: ``E = sum_k ⊗_j F_jk`` (Panahi, eq. 3.4).
 
     ```py
     emb = KronEmbedding(30000, 256, rank=2, order=4)   # vocabulary padded to a balanced grid
@@ -162,7 +162,7 @@ class KronEmbedding(FactorizedEmbedding):
 
 
 class Word2KetEmbedding(FactorizedEmbedding):
-    """word2ket: each token's vector ``sum_k ⊗_j v_jk`` (seed 003, eq. 3.3), balanced tree, optional LayerNorm."""
+    """word2ket: each token's vector ``sum_k ⊗_j v_jk`` (Panahi, eq. 3.3), balanced tree, optional LayerNorm."""
 
     def __init__(
         self,

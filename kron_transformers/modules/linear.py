@@ -1,4 +1,4 @@
-"""Drop-in replacements for ``nn.Linear`` and transformers' ``Conv1D`` (DESIGN.md layer 3)."""
+"""Drop-in replacements for ``nn.Linear`` and transformers' ``Conv1D`` (ARCHITECTURE.md layer 3)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class FactorizedLinear(nn.Module):
 
 
 class KronLinear(FactorizedLinear):
-    """``y = x (sum_k F_1k ⊗ ... ⊗ F_nk)^T + b`` (Shapeshifter / Kronecker / PHM; seed 003, eq. 3.4, 4.3).
+    """``y = x (sum_k F_1k ⊗ ... ⊗ F_nk)^T + b`` (Shapeshifter / Kronecker / PHM; Panahi, eq. 3.4, 4.3).
 
     ```py
     layer = KronLinear(768, 3072, rank=16)                                # balanced order-2 shapes
@@ -116,7 +116,7 @@ class KronLinear(FactorizedLinear):
 
 
 class KPDLinear(FactorizedLinear):
-    """``y = x (sum_i (S ⊙ A_i) ⊗ B_i)^T + b`` (seed 001, eq. 3); ``block_size`` = ``B_i``'s shape."""
+    """``y = x (sum_i (S ⊙ A_i) ⊗ B_i)^T + b`` (Zhu et al., eq. 3); ``block_size`` = ``B_i``'s shape."""
 
     def __init__(
         self,
@@ -131,7 +131,7 @@ class KPDLinear(FactorizedLinear):
 
 
 class KPDPatternLinear(FactorizedLinear):
-    """Pattern selection (seed 001, section 5): one KPD term per candidate ``block_sizes`` entry, summed."""
+    """Pattern selection (Zhu et al., section 5): one KPD term per candidate ``block_sizes`` entry, summed."""
 
     def __init__(
         self,

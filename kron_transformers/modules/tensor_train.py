@@ -1,4 +1,4 @@
-"""TT-Rec embedding modules: ``nn.Embedding`` / ``nn.EmbeddingBag`` drop-ins over a tensor train (seed 004).
+"""TT-Rec embedding modules: ``nn.Embedding`` / ``nn.EmbeddingBag`` drop-ins over a tensor train (Yin et al.).
 
 ```py
 emb = TTEmbedding(50000, 768)                      # shapes and ranks chosen and logged
@@ -99,16 +99,16 @@ def _describe(factorization: TensorTrainFactorization) -> str:
 
 
 class TTEmbedding(FactorizedEmbedding):
-    """``nn.Embedding`` whose table is a tensor train (seed 004, eq. 2), with an optional LFU cache.
+    """``nn.Embedding`` whose table is a tensor train (Yin et al., eq. 2), with an optional LFU cache.
 
     ``forward(ids)`` takes ids of any shape (e.g. ``(batch, seq)``) and builds each distinct row
     once from the cores, never forming the table. Without ``tt_shapes`` the vocabulary is padded
     and the embedding dimension factored exactly (``tt_shapes``); ``tt_ranks`` is an int or one per
-    inner bond, clipped to the largest useful rank. ``init``: ``"sampled_gaussian"`` (seed 004,
+    inner bond, clipped to the largest useful rank. ``init``: ``"sampled_gaussian"`` (Yin et al.,
     Algorithm 3: entries ~ ``N(0, 1/3n)``) or ``"glorot"``; ``from_pretrained`` runs TT-SVD.
 
     With ``cache_fraction > 0`` the ``cache_fraction * num_embeddings`` most frequent ids of the
-    training batches get uncompressed trainable rows (seed 004, section 4.2), counted for
+    training batches get uncompressed trainable rows (Yin et al., section 4.2), counted for
     ``cache_warmup_steps`` steps and refreshed every ``cache_refresh_every`` (0: never); call
     ``kt.on_train_step(model, step, optimizer)`` after each ``optimizer.step()`` (or use
     ``kt.KronTrainingCallback`` with ``Trainer``). The hook lives on the ``factorization``
@@ -182,7 +182,7 @@ EMBEDDING_CLASSES[TensorTrainFactorization] = TTEmbedding
 
 
 class TTEmbeddingBag(FactorizedEmbeddingBag):
-    """``nn.EmbeddingBag`` over a tensor-train table (TT-Rec's TT-EmbeddingBag, seed 004, section 4.1).
+    """``nn.EmbeddingBag`` over a tensor-train table (TT-Rec's TT-EmbeddingBag, Yin et al., section 4.1).
 
     ``forward(input, offsets=None, per_sample_weights=None)`` has ``nn.EmbeddingBag``'s semantics
     (1-D input with offsets or 2-D ``(bags, ids)``, modes ``sum``/``mean``/``max``,

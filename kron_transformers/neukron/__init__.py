@@ -1,4 +1,4 @@
-"""NeuKron (seed 000): constant-size lossy compression of sparse reorderable matrices and tensors.
+"""NeuKron (Kwon et al.): constant-size lossy compression of sparse reorderable matrices and tensors.
 
 ```py
 import torch

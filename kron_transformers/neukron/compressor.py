@@ -1,4 +1,4 @@
-"""``NeuKron``: constant-size lossy compression of a sparse reorderable matrix or tensor (seed 000).
+"""``NeuKron``: constant-size lossy compression of a sparse reorderable matrix or tensor (Kwon et al.).
 
 ``fit`` alternates, every epoch, order optimization (``reorder``, section 4.2) with one optimizer step
 on the model (``network``, section 4.1) using the exact squared Frobenius error
@@ -45,7 +45,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class NeuKronConfig:
-    """Hyperparameters of a NeuKron model (seed 000, section 4; supplementary sections 1 and 6)."""
+    """Hyperparameters of a NeuKron model (Kwon et al., section 4; supplementary sections 1 and 6)."""
 
     hidden_size: int = field(metadata={"help": "Hidden size h of the recurrent cell (the paper uses 30 to 90)."})
     seed_shape: tuple[int, ...] = field(

@@ -2,7 +2,7 @@
 
 Everything becomes a coalesced ``SparseInput``: ``indices`` (``D x nnz`` long), ``values`` (``nnz``
 float64) and ``shape``. Duplicate indices are summed (COO semantics) and explicit zeros dropped, since
-only non-zeros enter the ``O(nnz)`` error (seed 000, section 4.2).
+only non-zeros enter the ``O(nnz)`` error (Kwon et al., section 4.2).
 """
 
 from __future__ import annotations

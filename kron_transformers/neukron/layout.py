@@ -1,4 +1,4 @@
-"""Hierarchical Kronecker digits of an entry's position (seed 000, main paper section 4.1; supplementary section 3).
+"""Hierarchical Kronecker digits of an entry's position (Kwon et al., main paper section 4.1; supplementary section 3).
 
 A matrix of ``N x M`` (or an order-D tensor ``N_1 x ... x N_D``) is padded to ``n_d ** L_d`` along
 mode ``d``, where ``n_d`` is the seed size of that mode and ``L_d = ceil(log_{n_d} N_d)``. Position

@@ -1,4 +1,4 @@
-"""The autoregressive model over Kronecker digit sequences (seed 000, main paper section 4.1; Figure 11).
+"""The autoregressive model over Kronecker digit sequences (Kwon et al., main paper section 4.1; Figure 11).
 
 For an entry with level tokens ``t_0 .. t_{L-1}`` (``layout.KroneckerLayout.tokens``):
 
@@ -35,7 +35,7 @@ def _select_state(state, index: torch.Tensor):
 
 
 class DigitSequenceModel(nn.Module):
-    """``entry(t_0..t_{L-1}) = c * prod_l F_l(t_{<l})[t_l]`` (seed 000, section 4.1).
+    """``entry(t_0..t_{L-1}) = c * prod_l F_l(t_{<l})[t_l]`` (Kwon et al., section 4.1).
 
     Parameters: the cell (independent of the input size), one embedding row and one head per seed
     entry of each distinct level seed, the start vector and the scale (Theorem 8).

@@ -1,4 +1,4 @@
-"""Order optimization: pair swaps of rows/columns (mode slices) proposed by min-hash (seed 000, section 4.2).
+"""Order optimization: pair swaps of rows/columns (mode slices) proposed by min-hash (Kwon et al., section 4.2).
 
 Each pass over a mode ``d``:
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,7 @@ class TrainArguments:
     kpd_l1: float = field(
         default=0.0,
         metadata={
-            "help": "KPD layers: strength of the l1 proximal step on S after each optimizer step (seed 001, eq. 4)."
+            "help": "KPD layers: strength of the l1 proximal step on S after each optimizer step (Zhu et al., eq. 4)."
         },
     )
     augment: bool = field(default=True, metadata={"help": "Images: random crop and horizontal flip while training."})
@@ -212,8 +213,41 @@ def _field_names() -> set[str]:
     return {f.name for cls in DATACLASSES for f in dataclasses.fields(cls)}
 
 
-def parse_arguments(script_defaults: dict[str, Any], argv: Sequence[str] | None = None) -> RecipeArguments:
-    """Parse ``argv`` over the script's and the preset's defaults; validate; return all arguments."""
+# Arguments that only one kind of recipe reads: the others hide them from --help and refuse them.
+TEXT_ONLY = (
+    "tokenizer",
+    "tokenizer_vocab_size",
+    "source_column",
+    "target_column",
+    "source_lang",
+    "target_lang",
+    "source_prefix",
+    "max_source_length",
+    "max_target_length",
+    "num_beams",
+    "generation_max_length",
+)
+IMAGE_ONLY = ("image_column", "label_column", "augment")
+
+
+def _refuse_unused(parser: argparse.ArgumentParser, argv: Sequence[str], unused: Sequence[str]) -> None:
+    """Hide ``unused`` arguments from ``--help``; a command line that sets one fails with one line."""
+    for action in parser._actions:
+        if action.dest not in unused:
+            continue
+        action.help = argparse.SUPPRESS
+        for option in action.option_strings:
+            if any(arg == option or arg.startswith(option + "=") for arg in argv):
+                raise RecipeError(f"{option} does not apply to this recipe")
+
+
+def parse_arguments(
+    script_defaults: dict[str, Any], argv: Sequence[str] | None = None, unused: Sequence[str] = ()
+) -> RecipeArguments:
+    """Parse ``argv`` over the script's and the preset's defaults; validate; return all arguments.
+
+    ``unused`` names the arguments this recipe does not read (``TEXT_ONLY`` or ``IMAGE_ONLY``).
+    """
     unknown = sorted(set(script_defaults) - _field_names())
     if unknown:
         raise TypeError(f"parse_arguments: unknown recipe defaults {unknown}")
@@ -225,6 +259,7 @@ def parse_arguments(script_defaults: dict[str, Any], argv: Sequence[str] | None 
     if unknown:
         raise RecipeError(f"--compression {known.compression}: defaults: has unknown arguments {unknown}")
     parser = HfArgumentParser(DATACLASSES)
+    _refuse_unused(parser, sys.argv[1:] if argv is None else list(argv), unused)
     parser.set_defaults(**{**script_defaults, **preset.defaults})
     model, data, train = parser.parse_args_into_dataclasses(args=argv)
     return RecipeArguments(model, data, train, preset)

@@ -3,9 +3,10 @@
 Launched with ``python`` or ``accelerate launch`` (DDP / FSDP unchanged): mixed precision and gradient
 accumulation through ``Accelerator``; ``accelerator.save_state`` every ``--checkpointing_steps`` optimizer steps
 into ``output_dir/checkpoints/step_N`` and ``--resume_from_checkpoint`` continuing at that step with the same data
-order and random state; after every optimizer step, the KPD proximal l1 step (seed 001, eq. 4) when
+order and random state; after every optimizer step, the KPD proximal l1 step (Zhu et al., eq. 4) when
 ``--kpd_l1 > 0`` and ``kt.on_train_step`` (TT-Rec cache, CCE re-clustering: any module defining it); trackers,
-a progress bar, then evaluation, ``results.json``, the model, its card and ``--push_to_hub``.
+a progress bar (a log line every ``--logging_steps`` when stderr is not a terminal), then evaluation,
+``results.json``, the model, its card and ``--push_to_hub``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 import kron_transformers as kt
 
@@ -149,6 +152,7 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, args, total_steps)
     accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(_leave_out_tied_copies(accelerator))
     if args.report_to != "none":
         accelerator.init_trackers(task.name, config=_scalars(arguments.to_flat_dict()))
 
@@ -164,8 +168,14 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
     if accelerator.is_main_process and checkpoint is None:
         log_path.write_text("")
     unwrapped = accelerator.unwrap_model(model)
+    interactive = sys.stderr.isatty()  # a log file gets a line every --logging_steps instead of a progress bar
+    if not interactive:
+        hf_logging.disable_progress_bar()  # nor transformers' "Writing model shards" bar on every save
     progress = tqdm(
-        total=total_steps, initial=completed, desc=task.name, disable=not accelerator.is_local_main_process
+        total=total_steps,
+        initial=completed,
+        desc=task.name,
+        disable=not (interactive and accelerator.is_local_main_process),
     )
     start = time.perf_counter()
     step_losses: list[float] = []
@@ -199,6 +209,8 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
                     handle.write(json.dumps(record) + "\n")
             if completed % args.logging_steps == 0:
                 accelerator.log(record, step=completed)
+                if not interactive:
+                    accelerator.print(f"{task.name}: step {completed}/{total_steps}, loss {last_loss:.4f}")
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}")
             if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
@@ -233,10 +245,26 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"{task.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    if kt.applied_config(unwrapped) is not None:
-        accelerator.print(kt.report(unwrapped))
     accelerator.print(f"results in {output_dir / RESULTS}")
     return results
+
+
+def _leave_out_tied_copies(accelerator: Accelerator) -> Callable[[list, list, str], None]:
+    """A ``save_state`` pre-hook: drop the state-dict keys a model declares tied (transformers'
+    ``all_tied_weights_keys``; compressed models also list their tied factor copies in ``_keys_to_ignore_on_save``),
+    as ``save_pretrained`` does. ``load_state`` re-ties them (safetensors' ``load_model`` accepts missing aliases),
+    and safetensors has no shared tensors left to remove with a warning."""
+
+    def hook(models: list, weights: list, output_dir: str) -> None:
+        for model, state in zip(models, weights):
+            unwrapped = accelerator.unwrap_model(model)
+            tied = set(getattr(unwrapped, "all_tied_weights_keys", None) or ())
+            tied |= set(getattr(unwrapped, "_keys_to_ignore_on_save", None) or ())
+            prefix = "module." if any(key.startswith("module.") for key in state) else ""
+            for key in [key for key in state if key.removeprefix(prefix) in tied]:
+                del state[key]
+
+    return hook
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Optimizers and schedules of the presets: LAMB and the inverse square-root schedule.
 
-Seed 003, section 4.4.1 trains T5-small (Table 5) with "LAMB optimizer with inverse square root scheduler,
+Panahi, section 4.4.1 trains T5-small (Table 5) with "LAMB optimizer with inverse square root scheduler,
 dropout 0.1, no weight decay, and 0.1 label-smoothed cross entropy loss".
 """
 

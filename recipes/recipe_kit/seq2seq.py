@@ -2,7 +2,7 @@
 
 With ``--model_config`` (or no model argument) the model is built from a config and the tokenizer needs no
 download: ``--tokenizer train`` fits a BPE tokenizer on the training texts (source and target share it, as T5's
-single embedding does; seed 003, section 4.4.1), ``--tokenizer byte`` is ByT5's byte-level tokenizer.
+single embedding does; Panahi, section 4.4.1), ``--tokenizer byte`` is ByT5's byte-level tokenizer.
 """
 
 from __future__ import annotations
