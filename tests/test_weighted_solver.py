@@ -13,6 +13,7 @@ from kron_transformers.factorizations.weighted import (
     kronecker_least_squares,
     weighted_error,
     weighted_kronecker_sum,
+    weighted_kronecker_sum_higher_order,
     whitened_low_rank,
 )
 
@@ -138,7 +139,42 @@ def test_one_column_blocks_are_solved_exactly():
     assert history[-1] == pytest.approx(float(singular[3:].norm() / singular.norm()), rel=1e-8)
 
 
+ORDER_3 = ((2, 3), (3, 2), (2, 2))
+
+
+def test_order_3_als_solves_each_factor_by_least_squares_and_beats_cp_als():
+    """After one sweep the last factor is the dense least-squares solution given the first two (its digits sit
+    in the middle of neither the rows nor the columns, so this checks the digit reordering)."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    moment = second_moment(12)
+    (f0, f1, f2), history = weighted_kronecker_sum_higher_order(weight, moment, ORDER_3, 2, iterations=1)
+    root = matrix_root(moment)
+    columns = []
+    for k in range(2):
+        for p in range(2):
+            for q in range(2):
+                unit = torch.zeros(2, 2, dtype=torch.float64)
+                unit[p, q] = 1.0
+                columns.append((torch.kron(torch.kron(f0[k], f1[k]), unit) @ root).reshape(-1))
+    design = torch.stack(columns, 1)
+    expected = torch.linalg.lstsq(design, (weight @ root).reshape(-1, 1)).solution.reshape(2, 2, 2)
+    torch.testing.assert_close(f2, expected, rtol=1e-5, atol=1e-7)
+    _, longer = weighted_kronecker_sum_higher_order(weight, moment, ORDER_3, 2, iterations=8)
+    assert all(later <= earlier for earlier, later in zip(longer, longer[1:]))
+    assert longer[-1] < 0.95 * longer[0]
+    svd = nearest_kronecker_sum(weight, ORDER_3, 2)
+    approximation = sum(torch.kron(torch.kron(a, b), c) for a, b, c in zip(*svd))
+    assert longer[0] == pytest.approx(weighted_error(weight, approximation, moment), rel=1e-6)
+
+
+def test_order_3_refuses_operands_past_the_memory_bound():
+    weight = torch.randn(8, 8, dtype=torch.float64)
+    assert weighted_kronecker_sum_higher_order(weight, second_moment(8), ((2, 2), (2, 2), (2, 2)), 64) is None
+
+
 FACTORIZATIONS = {
+    "kronecker_order_3": lambda: KroneckerSum(11, 12, ORDER_3, rank=2),
     "shapeshifter": lambda: KroneckerSum(15, 22, ((3, 4), (5, 6)), rank=3),
     "phm": lambda: KroneckerSum(16, 24, ((4, 4), (4, 6)), rank=4),
     "kpd_2x2": lambda: KPDFactorization(16, 24, (2, 2), rank=3),

@@ -14,7 +14,12 @@ from ..kernels import kpd_matmul, kron_gather_rows, kron_materialize, kron_matmu
 from .base import Factorization, register_factorization
 from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
 from .shapes import FactorShapes, validate_factor_shapes
-from .weighted import CALIBRATED_TIME_RATIO, row_weighted_kronecker_sum, weighted_kronecker_sum
+from .weighted import (
+    CALIBRATED_TIME_RATIO,
+    row_weighted_kronecker_sum,
+    weighted_kronecker_sum,
+    weighted_kronecker_sum_higher_order,
+)
 
 
 # Cost of writing and re-reading one element of an intermediate, in multiply-adds. The factored
@@ -123,12 +128,13 @@ class KroneckerSum(Factorization):
 
     @torch.no_grad()
     def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
-        """ALS from the ``svd`` solution (``weighted.weighted_kronecker_sum``), time-capped; order 2 only."""
-        if self.order != 2:
+        """ALS from the ``svd`` solution, time-capped (``weighted.weighted_kronecker_sum`` and, for order > 2,
+        ``weighted_kronecker_sum_higher_order``); None where order > 2 would pass that solver's memory bound."""
+        solve = weighted_kronecker_sum if self.order == 2 else weighted_kronecker_sum_higher_order
+        result = solve(weight, second_moment, self.factor_shapes, self.rank, time_ratio=CALIBRATED_TIME_RATIO)
+        if result is None:
             return None
-        solution, history = weighted_kronecker_sum(
-            weight, second_moment, self.factor_shapes, self.rank, time_ratio=CALIBRATED_TIME_RATIO
-        )
+        solution, history = result
         for factor, value in zip(self.factors, solution):
             factor.copy_(value.to(factor.dtype))
         return history[0], history[-1]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import kron_materialize
+from ..kernels.torch_ops import _kron_with_rank
 from .decompositions import nearest_kronecker_sum, truncated_svd_factors
 
 
@@ -388,6 +389,86 @@ def weighted_kronecker_sum(
         if history[-2] - history[-1] < tolerance * history[-2]:
             break
     return [first, second], history
+
+
+def _mode_first(matrix: torch.Tensor, row_sizes: list[int], col_sizes: list[int], mode: int) -> torch.Tensor:
+    """Reorder a ``(prod rows, prod cols)`` matrix's digits so ``mode``'s row and column digits come first."""
+    order = len(row_sizes)
+    rest = [axis for axis in range(order) if axis != mode]
+    permutation = [mode, *rest, order + mode, *(order + axis for axis in rest)]
+    tensor = matrix.reshape(*row_sizes, *col_sizes).permute(permutation)
+    return tensor.reshape(math.prod(row_sizes), math.prod(col_sizes))
+
+
+def weighted_kronecker_sum_higher_order(
+    weight: torch.Tensor,
+    second_moment: torch.Tensor,
+    factor_shapes,
+    rank: int,
+    iterations: int = 8,
+    tolerance: float = 1e-3,
+    time_ratio: float | None = None,
+) -> tuple[list[torch.Tensor], list[float]] | None:
+    """Order ``n > 2`` factors ``F_j (r, a_j, b_j)`` for the weighted problem by ALS over the factors in turn.
+
+    With every factor but ``F_j`` fixed, reordering the row and column digits so ``j``'s come first makes the
+    problem the order-2 half-step ``min ||(W' - sum_k F_jk ⊗ G_k) C'^(1/2)||`` with ``G_k`` the Kronecker
+    product of the other factors, solved as in ``weighted_kronecker_sum``. Starts from the CP-ALS (``svd``)
+    solution; same history, stopping rules and guarantee. Returns None where some ``G`` (``r m n / (a_j b_j)``
+    elements) would pass the memory bound ``4 max(m n, n^2)`` (the caller then falls back to ``svd``).
+    """
+    started = time.perf_counter()
+    row_sizes = [a for a, _ in factor_shapes]
+    col_sizes = [b for _, b in factor_shapes]
+    rows, cols = math.prod(row_sizes), math.prod(col_sizes)
+    budget = max(rows * cols, cols * cols)
+    if any(rank * rows * cols > 4 * budget * a * b for a, b in factor_shapes):
+        return None
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    factors = [f.to(dtype) for f in nearest_kronecker_sum(weight.to(torch.float64), factor_shapes, rank)]
+    original_weight, original_moment = weight.to(dtype), second_moment.to(dtype)
+
+    def error_of(candidate: list[torch.Tensor]) -> float:
+        approximation = kron_materialize(candidate, weight.shape[0], weight.shape[1])
+        return weighted_error(original_weight, approximation, original_moment)
+
+    base = kronecker_least_squares(weight, second_moment, ((rows, cols), (1, 1)))
+    problems = []
+    for mode, (a, b) in enumerate(factor_shapes):
+        moment = _mode_first(base.second_moment, col_sizes, col_sizes, mode)
+        problems.append(
+            KroneckerLeastSquares(
+                _mode_first(base.weight, row_sizes, col_sizes, mode),
+                moment,
+                _mode_first(base.weighted_weight, row_sizes, col_sizes, mode),
+                base.energy,
+                ((a, b), (rows // a, cols // b)),
+            )
+        )
+    history = [error_of(factors)]
+    refinement_started = time.perf_counter()
+    deadline = None if time_ratio is None else refinement_started + time_ratio * (refinement_started - started)
+    sweep_seconds = 0.0
+    for _ in range(iterations):
+        now = time.perf_counter()
+        if deadline is not None and sweep_seconds and now + sweep_seconds > deadline:
+            break
+        candidate = list(factors)
+        for mode, problem in enumerate(problems):
+            others = _kron_with_rank([f for index, f in enumerate(candidate) if index != mode])
+            if _use_cholesky(problem.shapes, rank, rows, cols, CG_ITERATIONS):
+                candidate[mode], _ = problem.solve_exact(others, budget)
+            else:
+                candidate[mode], _ = problem.solve_iterative(candidate[mode], others, CG_ITERATIONS, budget, deadline)
+        error = error_of(candidate)
+        sweep_seconds = time.perf_counter() - now
+        if error > history[-1]:
+            break
+        factors = candidate
+        history.append(error)
+        if history[-2] - history[-1] < tolerance * history[-2]:
+            break
+    return factors, history
 
 
 def row_weighted_error(weight: torch.Tensor, approximation: torch.Tensor, row_weights: torch.Tensor) -> float:
