@@ -83,7 +83,7 @@ def test_both_half_steps_equal_the_dense_least_squares_solution(shapes, rank, so
 
 
 def _dense_second_half_step(weight, moment, shapes, first):
-    """Least-squares ``B`` for fixed ``A`` from the explicit design matrix (columns ``vec((A_k ⊗ E_pq) C^(1/2))``)."""
+    """Least-squares ``B`` for fixed ``A`` from the explicit design matrix (columns ``vec((A_k ⊗ E_pq) C^½)``)."""
     _, (a2, b2) = shapes
     rank = first.shape[0]
     root = matrix_root(moment)

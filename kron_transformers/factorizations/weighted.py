@@ -120,7 +120,7 @@ class KroneckerLeastSquares:
     shapes: tuple[tuple[int, int], tuple[int, int]]
 
     def shuffled(self) -> KroneckerLeastSquares:
-        """The same problem with the factors' roles swapped: rows ``(i, p) -> (p, i)``, columns ``(j, q) -> (q, j)``."""
+        """The problem with the factors' roles swapped: rows ``(i, p) -> (p, i)``, columns ``(j, q) -> (q, j)``."""
         (a1, b1), (a2, b2) = self.shapes
 
         def rows_and_cols(matrix: torch.Tensor) -> torch.Tensor:
@@ -325,14 +325,15 @@ def weighted_kronecker_sum(
 
     ``history[0]`` is the weighted error of the unweighted optimum (the ``init="svd"`` solution, the start),
     then one entry per kept ALS sweep (non-increasing: a sweep that would raise the error is discarded), so
-    the result is never worse than ``init="svd"`` in the weighted norm (errors of the real, cropped matrix). Sweeps stop after ``iterations``,
-    when one improves the error by less than ``tolerance`` (relative), or (with ``time_ratio``) once another
-    sweep would take the refinement past ``time_ratio`` times the start's time (conjugate gradient also stops
-    at that deadline): the whole fit then costs about ``1 + time_ratio`` times ``init="svd"`` (at least one
-    sweep runs; with a time ratio the result depends on the machine's speed). ``solver`` is ``"cholesky"``, ``"cg"`` or ``"auto"`` (the cheaper by operation
-    count, per half-step). Computed in the weight's precision (at least float32). ``weight`` is
-    ``(rows, cols)`` and ``second_moment`` ``(cols, cols)``; both are zero-padded to the factor grid.
-    A first factor with one column (``b1 = 1``) has a closed-form optimum (``whitened_column_basis``).
+    the result is never worse than ``init="svd"`` in the weighted norm (errors of the real, cropped matrix).
+    Sweeps stop after ``iterations``, when one improves the error by less than ``tolerance`` (relative), or
+    (with ``time_ratio``) once another sweep would take the refinement past ``time_ratio`` times the start's
+    time (conjugate gradient also stops at that deadline): the whole fit then costs about ``1 + time_ratio``
+    times ``init="svd"`` (at least one sweep runs; with a time ratio the result depends on machine speed).
+    ``solver`` is ``"cholesky"``, ``"cg"`` or ``"auto"`` (the cheaper by operation count, per half-step).
+    Computed in the weight's precision (at least float32). ``weight`` is ``(rows, cols)`` and
+    ``second_moment`` ``(cols, cols)``; both are zero-padded to the factor grid. A first factor with one
+    column (``b1 = 1``) has a closed-form optimum (``whitened_column_basis``).
     """
     if solver not in ("auto", "cholesky", "cg"):
         raise ValueError(f"weighted_kronecker_sum: solver must be 'auto', 'cholesky' or 'cg', got {solver!r}")
