@@ -235,3 +235,13 @@ def test_the_solver_never_allocates_more_than_a_few_dense_weights(shapes, rank):
         _, history = weighted_kronecker_sum(weight, moment, shapes, rank, iterations=3)
     assert history[-1] <= history[0]
     assert recorder.largest <= 4 * max(rows * cols, cols * cols), (recorder.largest, recorder.operator)
+
+
+def test_the_order_3_solver_never_allocates_more_than_a_few_dense_weights():
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(8))
+    with LargestOutput() as recorder:
+        _, history = weighted_kronecker_sum_higher_order(
+            weight, second_moment(96).float(), ((4, 4), (4, 6), (4, 4)), 3, iterations=3
+        )
+    assert history[-1] < history[0]
+    assert recorder.largest <= 4 * max(64 * 96, 96 * 96), (recorder.largest, recorder.operator)
