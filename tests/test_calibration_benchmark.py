@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from tokenizers import BertWordPieceTokenizer
 from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
