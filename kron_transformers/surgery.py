@@ -246,7 +246,8 @@ def _initialize(
 ) -> None:
     """Fill ``factorization`` by ``init``. ``calibrated`` weights linears by their input second moment and
     embeddings by token frequency; it falls back to ``svd`` (recording why) where no weighted solver
-    exists (order > 2, word2ket with LayerNorm) or the layer saw no calibration input."""
+    exists (word2ket with LayerNorm, order > 2 embeddings, order > 2 linears whose ALS operands would pass the
+    memory bound) or the layer saw no calibration input."""
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(
@@ -261,7 +262,9 @@ def _initialize(
     elif init == "calibrated" and second_moment is not None:
         errors = factorization.fit_calibrated(weight, second_moment)
         plan.init_error = factorization.relative_error(weight) if errors is not None else factorization.fit(weight)
-        plan.init_used = "calibrated" if errors is not None else f"svd (no weighted solver for {plan.spec.method})"
+        plan.init_used = (
+            "calibrated" if errors is not None else f"svd (no memory-bounded weighted solver for {plan.spec.method})"
+        )
         if errors is not None:
             plan.output_error_start = errors[0]
     elif init == "calibrated" and frequency is not None and factorization.fit_row_weighted(weight, frequency):

@@ -6,6 +6,7 @@ import importlib.util
 import random
 from pathlib import Path
 
+import pytest
 from tokenizers import BertWordPieceTokenizer
 from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
@@ -40,7 +41,7 @@ def test_calibration_benchmark_prints_the_table(tmp_path, capsys):
         [
             "--model",
             str(tmp_path / "encoder"),
-            "--text",
+            "--data",
             str(tmp_path / "text.txt"),
             "--ratios",
             "2",
@@ -51,12 +52,24 @@ def test_calibration_benchmark_prints_the_table(tmp_path, capsys):
             "16",
             "--batch-size",
             "8",
-            "--distill-steps",
-            "3",
         ]
     )
     output = capsys.readouterr().out
     rows = [line.split() for line in output.splitlines()[3:]]
-    assert len(rows) == 2 * 2 * 3  # ratios x methods x (svd, calibrated, calibrated+distill)
-    cosines = [float(row[4]) for row in rows]
+    assert len(rows) == 4 * 2 * 2  # methods x ratios x (svd, calibrated)
+    assert [row[2] for row in rows[:2]] == ["svd", "calibrated"]
+    cosines = [float(row[7]) for row in rows]
     assert all(-1.0 <= c <= 1.0 for c in cosines)
+    for svd, calibrated in zip(rows[::2], rows[1::2]):  # the weighted error: calibrated never worse than svd
+        assert float(calibrated[6]) <= float(svd[6]) + 1e-6
+
+
+def test_calibration_benchmark_names_a_missing_data_file(tmp_path):
+    spec = importlib.util.spec_from_file_location("calibration_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        module.load_sentences(str(tmp_path / "missing.txt"), 4, 4)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit, match="Multi30k files"):
+        module.load_sentences(str(tmp_path / "folder"), 4, 4)

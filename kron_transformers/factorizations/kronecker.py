@@ -14,7 +14,12 @@ from ..kernels import kpd_matmul, kron_gather_rows, kron_materialize, kron_matmu
 from .base import Factorization, register_factorization
 from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
 from .shapes import FactorShapes, validate_factor_shapes
-from .weighted import row_weighted_kronecker_sum, weighted_kronecker_sum
+from .weighted import (
+    CALIBRATED_TIME_RATIO,
+    row_weighted_kronecker_sum,
+    weighted_kronecker_sum,
+    weighted_kronecker_sum_higher_order,
+)
 
 
 # Cost of writing and re-reading one element of an intermediate, in multiply-adds. The factored
@@ -123,10 +128,13 @@ class KroneckerSum(Factorization):
 
     @torch.no_grad()
     def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
-        """K-FAC start + ALS refinement (``weighted.weighted_kronecker_sum``); order 2 only."""
-        if self.order != 2:
+        """ALS from the ``svd`` solution, time-capped (``weighted.weighted_kronecker_sum`` and, for order > 2,
+        ``weighted_kronecker_sum_higher_order``); None where order > 2 would pass that solver's memory bound."""
+        solve = weighted_kronecker_sum if self.order == 2 else weighted_kronecker_sum_higher_order
+        result = solve(weight, second_moment, self.factor_shapes, self.rank, time_ratio=CALIBRATED_TIME_RATIO)
+        if result is None:
             return None
-        solution, history = weighted_kronecker_sum(weight, second_moment, self.factor_shapes, self.rank)
+        solution, history = result
         for factor, value in zip(self.factors, solution):
             factor.copy_(value.to(factor.dtype))
         return history[0], history[-1]
@@ -216,8 +224,10 @@ class KPDFactorization(Factorization):
 
     @torch.no_grad()
     def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
-        """``S = 1`` and the weighted Kronecker-sum fit (K-FAC start + ALS) for ``A, B``."""
-        (a, b), history = weighted_kronecker_sum(weight, second_moment, self.factor_shapes, self.rank)
+        """``S = 1`` and the weighted Kronecker-sum fit for ``A, B`` (closed form for one-column ``A_i``, else ALS)."""
+        (a, b), history = weighted_kronecker_sum(
+            weight, second_moment, self.factor_shapes, self.rank, time_ratio=CALIBRATED_TIME_RATIO
+        )
         self.s.fill_(1.0)
         self.a.copy_(a.to(self.a.dtype))
         self.b.copy_(b.to(self.b.dtype))
