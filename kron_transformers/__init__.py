@@ -23,6 +23,8 @@ from .config import (
     Word2KetXS,
 )
 from .distill import distill
+from .factorizations.cost import set_cost_model
+from .inference import InferencePlan, prepare_for_inference
 from .integration import KronHfQuantizer, from_pretrained, push_to_hub, render_model_card, write_model_card
 from .modules import (
     BlockSparseLinear,
@@ -94,3 +96,4 @@ __all__ = [
     "cce",
 ]
 __all__ += ["TensorTrain", "TTEmbedding", "TTEmbeddingBag"]
+__all__ += ["InferencePlan", "prepare_for_inference", "set_cost_model"]

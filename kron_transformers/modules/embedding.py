@@ -75,9 +75,9 @@ class FactorizedTable(nn.Module):
 
     def materialize(self) -> torch.Tensor:
         """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero (an embedding's scale not applied)."""
-        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
+        return zero_index(self.factorization.dense(), self.padding_idx, 0)
 
-    weight = dense_weight_property()
+    weight = dense_weight_property(lambda module: (module.factorization.rows, module.factorization.cols))
 
     def num_parameters(self) -> int:
         return self.factorization.num_parameters()
@@ -125,7 +125,7 @@ class FactorizedEmbedding(FactorizedTable):
         return module
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.factorization.gather_rows(input_ids)
+        rows = self.factorization.cached_gather_rows(input_ids)
         if self.padding_idx is not None:
             rows = rows.masked_fill((input_ids == self.padding_idx).unsqueeze(-1), 0.0)
         return rows * self.embed_scale if self.embed_scale is not None else rows
@@ -215,7 +215,7 @@ class TiedFactorizedHead(FactorizedTable):
         share_factorization_buffers(self)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = zero_index(self.factorization.matmul(hidden_states), self.padding_idx, -1)
+        logits = zero_index(self.factorization.cached_matmul(hidden_states), self.padding_idx, -1)
         return logits + self.bias if self.bias is not None else logits
 
     def num_parameters(self) -> int:
