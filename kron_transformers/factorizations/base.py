@@ -69,9 +69,15 @@ class Factorization(nn.Module):
         return self.materialize() if weight is None else weight
 
     def cached_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T``: one GEMM on the inference cache when it applies, else ``matmul``."""
+        """``x @ W.T``: one GEMM on the inference cache when it applies and is faster, else ``matmul``."""
         weight = self.inference_weight()
-        return self.matmul(x) if weight is None else F.linear(x, weight)
+        if weight is None or self.factored_beats_dense(x, weight):
+            return self.matmul(x)
+        return F.linear(x, weight)
+
+    def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether ``matmul(x)`` is faster than one GEMM on the stored ``weight`` (default: never)."""
+        return False
 
     def cached_gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``W[ids]``: rows of the inference cache when it applies, else ``gather_rows``."""

@@ -144,6 +144,7 @@ def kron_path_costs(
     cols: int,
     element_size: int,
     backward: bool,
+    built: bool = False,
 ) -> tuple[PathCost, PathCost]:
     """``(factored, materialize)`` costs of ``x @ W.T`` for ``W = sum_k ⊗_j F_jk`` on ``tokens`` rows of ``x``.
 
@@ -152,7 +153,8 @@ def kron_path_costs(
     permuting copy). Materialize: building the padded ``W`` (``r`` multiply-adds and a permuting copy
     per element) then ``tokens * rows * cols``. Backward: the factored path repeats its contractions
     for the input and for the factors (twice the forward); materialize does two GEMMs (input and
-    ``W`` gradients) and pushes ``dW`` back through the build (twice the build).
+    ``W`` gradients) and pushes ``dW`` back through the build (twice the build). ``built``: ``W`` is
+    already stored (the inference cache), so materialize is the product alone.
     """
     state = [b for _, b in factor_shapes]
     flops = 0
@@ -166,7 +168,7 @@ def kron_path_costs(
     padded = math.prod([a for a, _ in factor_shapes]) * math.prod([b for _, b in factor_shapes])
     build = PathCost(rank * padded, 3 * padded * element_size, 2 * len(factor_shapes))
     product = PathCost(tokens * rows * cols, (rows * cols + tokens * (rows + cols)) * element_size, 1)
-    materialize = build + product
+    materialize = product if built else build + product
     if backward:
         factored = factored.scaled(3)
         materialize = build.scaled(3) + product.scaled(3)

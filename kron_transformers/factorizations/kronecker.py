@@ -24,37 +24,65 @@ def kronecker_sum_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], rows:
     return F.linear(x, kron_materialize(factors, rows, cols))
 
 
-def factored_is_cheaper(x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int) -> bool:
-    """Whether ``kron_matmul`` beats materialize-then-matmul on this input (forward, plus backward if grad flows)."""
-    factor_shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in factors)
-    rank = int(factors[0].shape[0])
-    return choose_factored(
-        ("kronecker_sum", factor_shapes, rank, rows, cols),
-        lambda backward: kron_path_costs(
-            factor_shapes, rank, x.numel() // max(cols, 1), rows, cols, x.element_size(), backward
-        ),
-        lambda inputs, copies: kron_matmul(inputs, copies, rows),
-        lambda inputs, copies: F.linear(inputs, kron_materialize(copies, rows, cols)),
+def factored_is_cheaper(
+    x: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    rows: int,
+    cols: int,
+    cached: torch.Tensor | None = None,
+) -> bool:
+    """Whether ``kron_matmul`` beats materialize-then-matmul on this input (forward, plus backward if grad flows);
+    with ``cached`` (the stored dense ``W``), whether it beats one GEMM on it."""
+    return _choose_kronecker(
+        "kronecker_sum",
         x,
         factors,
+        rows,
         cols,
+        lambda inputs, copies: kron_matmul(inputs, copies, rows),
+        lambda copies: kron_materialize(copies, rows, cols),
+        cached,
     )
 
 
-def kpd_factored_is_cheaper(x: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
+def kpd_factored_is_cheaper(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rows: int,
+    cached: torch.Tensor | None = None,
+) -> bool:
     """``factored_is_cheaper`` for KPD: ``kpd_matmul`` (``S`` folded in) against materialize-then-matmul."""
-    cols = x.shape[-1]
-    factor_shapes = ((int(a.shape[1]), int(a.shape[2])), (int(b.shape[1]), int(b.shape[2])))
-    rank = int(a.shape[0])
-    return choose_factored(
-        ("kpd", factor_shapes, rank, rows, cols),
-        lambda backward: kron_path_costs(
-            factor_shapes, rank, x.numel() // max(cols, 1), rows, cols, x.element_size(), backward
-        ),
-        lambda inputs, copies: kpd_matmul(inputs, copies[0], copies[1], copies[2], rows),
-        lambda inputs, copies: F.linear(inputs, kron_materialize([copies[0] * copies[1], copies[2]], rows, cols)),
+    return _choose_kronecker(
+        "kpd",
         x,
         [scale, a, b],
+        rows,
+        x.shape[-1],
+        lambda inputs, copies: kpd_matmul(inputs, copies[0], copies[1], copies[2], rows),
+        lambda copies: kron_materialize([copies[0] * copies[1], copies[2]], rows, x.shape[-1]),
+        cached,
+    )
+
+
+def _choose_kronecker(kind, x, factors, rows, cols, run_factored, build, cached) -> bool:
+    """``cost.choose_factored`` for a Kronecker sum whose last two ``factors`` are ``(r, a_j, b_j)`` stacks."""
+    stacks = factors if kind == "kronecker_sum" else factors[1:]
+    factor_shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in stacks)
+    rank = int(stacks[0].shape[0])
+    tokens = x.numel() // max(cols, 1)
+    return choose_factored(
+        (kind, factor_shapes, rank, rows, cols, cached is not None),
+        lambda backward: kron_path_costs(
+            factor_shapes, rank, tokens, rows, cols, x.element_size(), backward, cached is not None
+        ),
+        run_factored,
+        (lambda inputs, copies: F.linear(inputs, build(copies)))
+        if cached is None
+        else (lambda inputs, copies: F.linear(inputs, cached)),
+        x,
+        factors,
         cols,
     )
 
@@ -94,6 +122,9 @@ class KroneckerSum(Factorization):
 
     def matmul_flops_per_row(self) -> int:
         return int(kron_path_costs(self.factor_shapes, self.rank, 1, self.rows, self.cols, 4, False)[0].flops)
+
+    def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return factored_is_cheaper(x, list(self.factors), self.rows, self.cols, cached=weight)
 
     def structure(self) -> dict[str, Any]:
         return {
@@ -192,6 +223,9 @@ class KPDFactorization(Factorization):
 
     def matmul_flops_per_row(self) -> int:
         return int(kron_path_costs(self.factor_shapes, self.rank, 1, self.rows, self.cols, 4, False)[0].flops)
+
+    def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return kpd_factored_is_cheaper(x, self.s, self.a, self.b, self.rows, cached=weight)
 
     def structure(self) -> dict[str, Any]:
         return {"factorization": self.kind, "block_size": list(self.block_size), "rank": self.rank}
