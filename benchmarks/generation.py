@@ -111,7 +111,7 @@ def main() -> None:
         return lambda: model(input_ids=input_ids, decoder_input_ids=decoder_ids)
 
     print(
-        f"torch {torch.__version__} | threads {torch.get_num_threads()} | T5-small shapes, {arguments.layers} layers | "
+        f"torch {torch.__version__} | threads {torch.get_num_threads()} | T5-small, {arguments.layers} layers | "
         f"{arguments.batch}x{arguments.seq} input tokens, {arguments.new_tokens} new tokens | "
         f"{arguments.rounds} rounds after 1 warm-up | cost model {kt.factorizations.cost.cost_model()}"
     )

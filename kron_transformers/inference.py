@@ -77,7 +77,7 @@ def prepare_for_inference(model: nn.Module, cache: str = "auto", memory_budget: 
     for name, module in model.named_modules():
         if isinstance(module, Factorization):
             factorizations.setdefault(id(module), module)
-            names.setdefault(id(module), name)
+            names.setdefault(id(module), name.removesuffix(".factorization"))
         if isinstance(module, (FactorizedEmbedding, FactorizedEmbeddingBag)):
             gathered.add(id(module.factorization))
     plan = InferencePlan()
