@@ -63,11 +63,6 @@ class Factorization(nn.Module):
         self.drop_inference_cache()
         return super()._apply(fn, recurse)
 
-    def dense(self) -> torch.Tensor:
-        """``W``: the inference cache when it applies, else ``materialize()``."""
-        weight = self.inference_weight()
-        return self.materialize() if weight is None else weight
-
     def cached_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T``: one GEMM on the inference cache when it applies and is faster, else ``matmul``."""
         weight = self.inference_weight()

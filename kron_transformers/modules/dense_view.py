@@ -17,8 +17,8 @@ class DenseWeightView:
     ``dtype``, ``device``, ``shape``, ``size()``, ``dim()``, ``numel()`` and ``requires_grad`` come from the
     module without building anything; ``isinstance(view, torch.Tensor)`` holds; torch functions and
     operators (``F.linear(x, view)``, ``x @ view.T``, ``view[ids]``), ``.data``, ``.detach()``, ``.to()`` and
-    every other tensor attribute act on ``module.materialize()`` (the inference cache when it applies),
-    with gradients flowing to the factors. There is no setter: assigning a Parameter to ``weight``
+    every other tensor attribute act on a fresh ``module.materialize()`` (never the inference cache, so
+    an in-place init on it cannot corrupt the cache), with gradients flowing to the factors. There is no setter: assigning a Parameter to ``weight``
     raises instead of silently replacing the factors.
     """
 

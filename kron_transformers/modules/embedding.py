@@ -75,7 +75,7 @@ class FactorizedTable(nn.Module):
 
     def materialize(self) -> torch.Tensor:
         """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero (an embedding's scale not applied)."""
-        return zero_index(self.factorization.dense(), self.padding_idx, 0)
+        return zero_index(self.factorization.materialize(), self.padding_idx, 0)
 
     weight = dense_weight_property(lambda module: (module.factorization.rows, module.factorization.cols))
 

@@ -73,7 +73,7 @@ class FactorizedLinear(nn.Module):
 
     def materialize(self) -> torch.Tensor:
         """Dense weight in the replaced module's convention."""
-        weight = self.factorization.dense()
+        weight = self.factorization.materialize()
         return weight.T if self.weight_layout == CONV1D_LAYOUT else weight
 
     weight = dense_weight_property(
