@@ -264,3 +264,15 @@ def test_measured_decisions_are_remembered_per_bucket(monkeypatch):
         cost.clear_decisions()
     with pytest.raises(ValueError, match="mode must be one of"):
         cost.set_cost_model("fastest")
+
+
+def test_hf_utilities_read_the_view_of_a_tied_embedding(monkeypatch):
+    model = build_model("gpt2")
+    kt.compress_model(model, kt.KronConfig(embedding=kt.Word2KetXS(rank=2)))
+    embedding = model.get_input_embeddings()
+    calls = count_materialize(monkeypatch, embedding.factorization)
+    assert model.dtype == torch.float32 and embedding.weight.shape == (VOCAB, 32)
+    assert model.get_output_embeddings().weight.shape == (VOCAB, 32) and calls == []
+    with pytest.raises(TypeError, match="not an instance of"):  # transformers refuses to resize a factorized table
+        model.resize_token_embeddings(VOCAB + 8)
+    assert model.get_input_embeddings() is embedding

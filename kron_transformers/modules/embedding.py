@@ -199,10 +199,10 @@ class TiedFactorizedHead(FactorizedTable):
     cheaper (Kronecker sums contract ``h`` with each factor, cost ``~ r sum_j ...`` instead of
     ``V * dim``). For an order-2 Kronecker table ``E = sum_k A_k ⊗ B_k`` the logits are the same op as
     a ``KronLinear`` with ``W = E`` (the dispatched ``kernels.kron_matmul``: the fused Triton kernel on
-    CUDA). The cost model (``factorizations.kronecker.factored_is_cheaper``) picks materialize-then-matmul
-    instead when the batch is large enough to amortize building ``E`` and, per token,
-    ``r (a1 + b2 + 16) b1 a2 >= V * dim`` (high rank or tiny factors). The logit of ``padding_idx`` is 0,
-    as with the zero padding row of a dense tie.
+    CUDA). The cost model (``factorizations.cost``) picks materialize-then-matmul instead where that is
+    faster (many tokens, high rank or tiny factors), and under ``kt.prepare_for_inference`` the logits
+    come from the embedding's cached table unless the factored product is still faster. The logit of
+    ``padding_idx`` is 0, as with the zero padding row of a dense tie.
     """
 
     def __init__(self, embedding: FactorizedEmbedding, bias: nn.Parameter | None = None) -> None:
