@@ -18,8 +18,8 @@ class DenseWeightView:
     module without building anything; ``isinstance(view, torch.Tensor)`` holds; torch functions and
     operators (``F.linear(x, view)``, ``x @ view.T``, ``view[ids]``), ``.data``, ``.detach()``, ``.to()`` and
     every other tensor attribute act on a fresh ``module.materialize()`` (never the inference cache, so
-    an in-place init on it cannot corrupt the cache), with gradients flowing to the factors. There is no setter: assigning a Parameter to ``weight``
-    raises instead of silently replacing the factors.
+    an in-place init on it cannot corrupt the cache), with gradients flowing to the factors. There is no
+    setter: assigning a Parameter to ``weight`` raises instead of silently replacing the factors.
     """
 
     __slots__ = ("_module", "_shape")
