@@ -270,7 +270,7 @@ ROUTING_COLUMNS = (
 )
 
 
-def print_routing_table(repeats: int) -> None:
+def print_routing_table(repeats: int, max_tokens: int | None) -> None:
     """Auto against both paths at every routing point, forward and forward+backward, interleaved rounds.
 
     Rows are printed as they finish (a long run on a loaded machine shows its progress)."""
@@ -281,6 +281,8 @@ def print_routing_table(repeats: int) -> None:
     print(line(name for name, _ in ROUTING_COLUMNS))
     print("-" * len(line(name for name, _ in ROUTING_COLUMNS)), flush=True)
     for point in routing_points():
+        if max_tokens is not None and point.tokens > max_tokens:
+            continue
         for backward in (False, True):
             x = torch.randn(1, point.tokens, point.features, requires_grad=backward)
             cases = [
@@ -390,6 +392,9 @@ def parse_arguments() -> argparse.Namespace:
         default="train",
         help="train: forward+backward; inference: no_grad forward with cache rows; routing: auto vs both paths",
     )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="routing: only the points with at most this many tokens"
+    )
     parser.add_argument("--sizes", nargs="*", default=None, help="model sizes to run (default: T5-small BERT-base)")
     return parser.parse_args()
 
@@ -408,7 +413,7 @@ def main() -> None:
     started = time.perf_counter()
     if arguments.mode == "routing":
         print(header, flush=True)
-        print_routing_table(repeats)
+        print_routing_table(repeats, arguments.max_tokens)
     else:
         print(f"{header} | {arguments.mode} | tokens {arguments.batch}x{arguments.seq}")
         backward = arguments.mode == "train"
