@@ -106,6 +106,7 @@ class KroneckerSum(Factorization):
         self.rank = int(rank)
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(rank, a, b)) for a, b in self.factor_shapes)
         self.reset_random(1.0)
+        self._fewer_flops_than_dense = self.matmul_flops_per_row() < rows * cols
 
     @property
     def order(self) -> int:
@@ -124,7 +125,10 @@ class KroneckerSum(Factorization):
         return int(kron_path_costs(self.factor_shapes, self.rank, 1, self.rows, self.cols, 4, False)[0].flops)
 
     def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return factored_is_cheaper(x, list(self.factors), self.rows, self.cols, cached=weight)
+        """Only a product with fewer multiply-adds than the dense one can win; that one is timed once per shape."""
+        return self._fewer_flops_than_dense and factored_is_cheaper(
+            x, list(self.factors), self.rows, self.cols, cached=weight
+        )
 
     def structure(self) -> dict[str, Any]:
         return {
@@ -200,6 +204,7 @@ class KPDFactorization(Factorization):
         self.a = nn.Parameter(torch.empty(rank, *grid))
         self.b = nn.Parameter(torch.empty(rank, block_rows, block_cols))
         self.reset_random(1.0)
+        self._fewer_flops_than_dense = self.matmul_flops_per_row() < rows * cols
 
     @property
     def factor_shapes(self) -> FactorShapes:
@@ -225,7 +230,9 @@ class KPDFactorization(Factorization):
         return int(kron_path_costs(self.factor_shapes, self.rank, 1, self.rows, self.cols, 4, False)[0].flops)
 
     def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return kpd_factored_is_cheaper(x, self.s, self.a, self.b, self.rows, cached=weight)
+        return self._fewer_flops_than_dense and kpd_factored_is_cheaper(
+            x, self.s, self.a, self.b, self.rows, cached=weight
+        )
 
     def structure(self) -> dict[str, Any]:
         return {"factorization": self.kind, "block_size": list(self.block_size), "rank": self.rank}
