@@ -10,8 +10,8 @@ dense ``nn.Embedding``, word2ketXS (order 2 and 4), word2ket and low-rank.
 (float32, CPU); linears get a random activation that requires grad (as inside a network), embeddings
 random token ids. ``--mode inference``: one step is ``module(x)`` under ``torch.no_grad()`` in eval mode,
 with extra "(cache)" rows for each compressed module after ``kt.prepare_for_inference(cache="dense")``.
-Rounds are interleaved: each round runs one step of every row of a layer, the dense one included, so
-load changes on a shared machine hit all rows alike; a row reports its median step time and the
+Rounds are interleaved: each round runs one step of every row of a layer, the dense one included, in
+an order rotated from round to round, so load changes on a shared machine hit all rows alike; a row reports its median step time and the
 median over rounds of its time divided by the dense row's time in the same round.
 
 ``--mode routing``: at every point issue 16 lists (shape, tokens, rank; forward and forward+backward)
@@ -291,8 +291,8 @@ def print_routing_table(repeats: int, max_tokens: int | None) -> None:
             ]
             times: list[list[float]] = [[], [], []]
             for round_index in range(WARMUP_STEPS + repeats):
-                for index, case in enumerate(cases):
-                    seconds = step_seconds(case, backward)
+                for index in rotated(range(len(cases)), round_index):
+                    seconds = step_seconds(cases[index], backward)
                     if round_index >= WARMUP_STEPS:
                         times[index].append(seconds)
             with torch.enable_grad() if backward else torch.no_grad():
@@ -302,6 +302,12 @@ def print_routing_table(repeats: int, max_tokens: int | None) -> None:
             cells = (point.label, point.tokens, "fwd+bwd" if backward else "fwd", picks)
             print(line((*cells, f"{medians[1]:.2f}", f"{medians[2]:.2f}", f"{medians[0]:.2f}", f"{ratio:.2f}x")))
             print(end="", flush=True)
+
+
+def rotated(indices: range, round_index: int) -> list[int]:
+    """``indices`` started at ``round_index`` (mod their count): no row always runs first in its round."""
+    shift = round_index % len(indices)
+    return [*indices[shift:], *indices[:shift]]
 
 
 def step_seconds(case: Case, backward: bool) -> float:
@@ -323,7 +329,8 @@ def measure_interleaved(cases: list[Case], repeats: int, backward: bool) -> list
     times: list[list[float]] = [[] for _ in cases]
     errors: dict[int, str] = {}
     for round_index in range(WARMUP_STEPS + repeats):
-        for index, case in enumerate(cases):
+        for index in rotated(range(len(cases)), round_index):
+            case = cases[index]
             if index in errors:
                 continue
             try:
