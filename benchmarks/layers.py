@@ -11,8 +11,9 @@ dense ``nn.Embedding``, word2ketXS (order 2 and 4), word2ket and low-rank.
 random token ids. ``--mode inference``: one step is ``module(x)`` under ``torch.no_grad()`` in eval mode,
 with extra "(cache)" rows for each compressed module after ``kt.prepare_for_inference(cache="dense")``.
 Rounds are interleaved: each round runs one step of every row of a layer, the dense one included, in
-an order rotated from round to round, so load changes on a shared machine hit all rows alike; a row reports its median step time and the
-median over rounds of its time divided by the dense row's time in the same round.
+an order rotated from round to round, so load changes on a shared machine hit all rows alike; a row
+reports its median step time and the median over rounds of its time divided by the dense row's time in
+the same round.
 
 ``--mode routing``: at every point issue 16 lists (shape, tokens, rank; forward and forward+backward)
 the layer's own forward (``auto``: the cost model's choice) is timed against both paths it chooses
