@@ -7,8 +7,9 @@ micro-benchmark (one large GEMM, one large copy, one tiny op: ``calibrate_device
 
 Counts miss what dominates on real hardware at these sizes: GEMMs with an inner dimension of 16-64
 (the factored path's) run several times below the large-GEMM rate. So, in the default mode ``"measure"``,
-the first call with a new (shapes, rank, token bucket, dtype, device, backward) key times both paths once
-on that shape and remembers the faster one; the counts only decide where nothing can be timed (under
+the first call with a new (shapes, rank, token bucket, dtype, device, backward) key times both paths on
+that shape (interleaved, best of a few runs; CPU time on CPU, so other processes' load does not bias it)
+and remembers the faster one; the counts only decide where nothing can be timed (under
 ``torch.compile``) and in mode ``"count"``. Modes (``KRON_TRANSFORMERS_COST_MODEL`` or ``set_cost_model``):
 
 - ``"measure"``: per-shape micro-benchmark, cached (default);
@@ -29,7 +30,8 @@ import torch
 
 COST_MODEL_ENV = "KRON_TRANSFORMERS_COST_MODEL"
 COST_MODELS = ("measure", "count", "factored", "materialize")
-MEASURE_REPEATS = 5
+MEASURE_REPEATS = 9
+MEASURE_SECONDS = 0.5  # time budget of one shape's measurement beyond its first (warm-up) run of each path
 
 
 @dataclass(frozen=True)
@@ -105,15 +107,18 @@ def device_speed(device: torch.device, dtype: torch.dtype) -> DeviceSpeed:
 
 
 def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Fastest of ``repeats`` runs: wall time with synchronization on CUDA; on CPU the process's CPU time,
+    which a loaded machine does not inflate (time spent preempted by other processes is not counted)."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     best = math.inf
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -200,10 +205,10 @@ def _measure_factored_is_faster(
         return call
 
     factored, materialize = step(run_factored), step(run_materialize)
-    factored()
-    materialize()  # warm-up
-    times = {"factored": math.inf, "materialize": math.inf}
-    for _ in range(MEASURE_REPEATS):  # interleaved, best of each
+    times = {"factored": _best_seconds(factored, device, 1), "materialize": _best_seconds(materialize, device, 1)}
+    # interleaved, best of each; fewer rounds for slow shapes (their paths differ by more than the noise)
+    rounds = min(MEASURE_REPEATS, max(2, int(MEASURE_SECONDS / max(sum(times.values()), 1e-9))))
+    for _ in range(rounds):
         times["factored"] = min(times["factored"], _best_seconds(factored, device, 1))
         times["materialize"] = min(times["materialize"], _best_seconds(materialize, device, 1))
     return times["factored"] <= times["materialize"]
