@@ -63,12 +63,14 @@ class Factorization(nn.Module):
         self.drop_inference_cache()
         return super()._apply(fn, recurse)
 
-    def cached_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T``: one GEMM on the inference cache when it applies and is faster, else ``matmul``."""
+    def cached_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)``: one GEMM on the inference cache (bias fused) when it applies and is faster,
+        else ``matmul``."""
         weight = self.inference_weight()
         if weight is None or self.factored_beats_dense(x, weight):
-            return self.matmul(x)
-        return F.linear(x, weight)
+            output = self.matmul(x)
+            return output if bias is None else output + bias
+        return F.linear(x, weight, bias)
 
     def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether ``matmul(x)`` is faster than one GEMM on the stored ``weight`` (default: never)."""

@@ -68,8 +68,7 @@ class FactorizedLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.factorization.cached_matmul(x)
-        return output + self.bias if self.bias is not None else output
+        return self.factorization.cached_matmul(x, self.bias)
 
     def materialize(self) -> torch.Tensor:
         """Dense weight in the replaced module's convention."""
