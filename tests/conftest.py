@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # every Triton kernel runs interpreted on CPU CI
+# the matmul path is chosen by deterministic counts, not by timing (factorizations/cost.py)
+os.environ.setdefault("KRON_TRANSFORMERS_COST_MODEL", "count")
 
 import pytest  # noqa: E402 (after TRITON_INTERPRET is set, before anything can import triton)
 from transformers import (

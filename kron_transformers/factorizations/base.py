@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,6 +16,14 @@ class Factorization(nn.Module):
     ``gather_rows`` (``W[ids]``) with cheaper structured versions. ``structure()`` returns the
     JSON-serializable description that ``build_factorization`` turns back into an identical
     (randomly initialized) container, so a checkpoint can be rebuilt before its weights load.
+
+    Inference cache (``kron_transformers.prepare_for_inference`` turns it on): ``cached_matmul`` and
+    ``cached_gather_rows`` read a stored ``materialize()`` instead of rebuilding ``W``. The stored matrix
+    is keyed on the ``_version`` counter, ``data_ptr``, dtype and device of every parameter and buffer, so an
+    optimizer step, ``load_state_dict`` or ``.to()`` makes it stale and it is rebuilt on the next call.
+    It is used only in eval mode, never while gradients can flow to the factors, and never while
+    ``torch.compile`` traces (the compiled graph computes ``W`` from the factors); ``train()`` and
+    ``.to()`` drop it.
     """
 
     kind: ClassVar[str]
@@ -23,6 +32,59 @@ class Factorization(nn.Module):
         super().__init__()
         self.rows = int(rows)
         self.cols = int(cols)
+        self.inference_cache_enabled = False
+        self._inference_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _version_key(self) -> tuple:
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (*self.parameters(), *self.buffers()))
+
+    def inference_weight(self) -> torch.Tensor | None:
+        """The cached dense ``W`` when the inference cache applies to this call (rebuilt if stale), else ``None``."""
+        if torch.compiler.is_compiling() or not self.inference_cache_enabled or self.training:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return None
+        key = self._version_key()
+        if self._inference_cache is None or self._inference_cache[0] != key:
+            self._inference_cache = None  # free the stale matrix before building the new one
+            with torch.no_grad():
+                self._inference_cache = (key, self.materialize())
+        return self._inference_cache[1]
+
+    def drop_inference_cache(self) -> None:
+        """Free the cached dense ``W`` (the cache stays enabled and refills on the next eval call)."""
+        self._inference_cache = None
+
+    def train(self, mode: bool = True) -> Factorization:
+        self.drop_inference_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.drop_inference_cache()
+        return super()._apply(fn, recurse)
+
+    def cached_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)``: one GEMM on the inference cache (bias fused) when it applies and is faster,
+        else ``matmul``."""
+        weight = self.inference_weight()
+        if weight is None or self.factored_beats_dense(x, weight):
+            output = self.matmul(x)
+            return output if bias is None else output + bias
+        return F.linear(x, weight, bias)
+
+    def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether ``matmul(x)`` is faster than one GEMM on the stored ``weight`` (default: never)."""
+        return False
+
+    def cached_gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``W[ids]``: rows of the inference cache when it applies, else ``gather_rows``."""
+        weight = self.inference_weight()
+        return self.gather_rows(ids) if weight is None else F.embedding(ids, weight)
+
+    def matmul_flops_per_row(self) -> int:
+        """Multiply-adds of ``matmul`` per input row (the inference cache's ``auto`` mode compares it with
+        ``rows * cols``). Default: ``matmul`` materializes, so at least the dense product."""
+        return self.rows * self.cols
 
     def materialize(self) -> torch.Tensor:
         """The dense ``(rows, cols)`` matrix."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from ..kernels import kpd_matmul, kron_gather_rows, kron_materialize, kron_matmul
 from .base import Factorization, register_factorization
+from .cost import choose_factored, kron_path_costs
 from .decompositions import nearest_kronecker_sum, rearrange, truncated_svd_factors
 from .shapes import FactorShapes, validate_factor_shapes
 from .weighted import (
@@ -22,52 +22,73 @@ from .weighted import (
 )
 
 
-# Cost of writing and re-reading one element of an intermediate, in multiply-adds. The factored
-# path's intermediates are r times larger than its input and memory-bound; on the CPU benchmark
-# (benchmarks/layers.py) ignoring them chose the factored path where it was 4x slower than dense.
-INTERMEDIATE_ELEMENT_COST = 16
-
-
-def factored_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int) -> int:
-    """Multiply-adds of ``kron_matmul`` (modes contracted last to first) plus its intermediates' traffic."""
-    state = [b for _, b in factor_shapes]
-    flops = 0
-    traffic = 0
-    for mode in reversed(range(len(factor_shapes))):
-        a, b = factor_shapes[mode]
-        others = math.prod(state) // state[mode]
-        flops += rank * others * a * b
-        state[mode] = a
-        if mode:
-            traffic += rank * math.prod(state)
-    return batch * (flops + INTERMEDIATE_ELEMENT_COST * traffic)
-
-
-def dense_matmul_cost(factor_shapes: FactorShapes, rank: int, batch: int, rows: int, cols: int) -> int:
-    """Multiply-adds of materialize-then-matmul: building ``W`` (one GEMM over the rank) plus the product."""
-    # lists, not generators: torch.compile traces math.prod of a list without a graph break
-    padded = math.prod([a for a, _ in factor_shapes]) * math.prod([b for _, b in factor_shapes])
-    return rank * padded + INTERMEDIATE_ELEMENT_COST * padded + batch * rows * cols
-
-
 def kronecker_sum_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
-    """``x @ W.T`` by the cheaper of the factored product and materialize-then-matmul.
-
-    The choice is a cost count on static shapes (multiply-adds plus intermediate traffic), so it
-    is the same on every call with the same batch size (no data-dependent branch).
-    """
+    """``x @ W.T`` by the faster of the factored product and materialize-then-matmul (``cost.choose_factored``)."""
     if factored_is_cheaper(x, factors, rows, cols):
         return kron_matmul(x, factors, rows)
     return F.linear(x, kron_materialize(factors, rows, cols))
 
 
-def factored_is_cheaper(x: torch.Tensor, factors: Sequence[torch.Tensor], rows: int, cols: int) -> bool:
-    """Whether ``factored_matmul_cost <= dense_matmul_cost`` for this input's batch (static shapes only)."""
-    factor_shapes = tuple((f.shape[1], f.shape[2]) for f in factors)
-    rank = factors[0].shape[0]
-    batch = x.numel() // max(cols, 1)
-    return factored_matmul_cost(factor_shapes, rank, batch) <= dense_matmul_cost(
-        factor_shapes, rank, batch, rows, cols
+def factored_is_cheaper(
+    x: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    rows: int,
+    cols: int,
+    cached: torch.Tensor | None = None,
+) -> bool:
+    """Whether ``kron_matmul`` beats materialize-then-matmul on this input (forward, plus backward if grad flows);
+    with ``cached`` (the stored dense ``W``), whether it beats one GEMM on it."""
+    return _choose_kronecker(
+        "kronecker_sum",
+        x,
+        factors,
+        rows,
+        cols,
+        lambda inputs, copies: kron_matmul(inputs, copies, rows),
+        lambda copies: kron_materialize(copies, rows, cols),
+        cached,
+    )
+
+
+def kpd_factored_is_cheaper(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rows: int,
+    cached: torch.Tensor | None = None,
+) -> bool:
+    """``factored_is_cheaper`` for KPD: ``kpd_matmul`` (``S`` folded in) against materialize-then-matmul."""
+    return _choose_kronecker(
+        "kpd",
+        x,
+        [scale, a, b],
+        rows,
+        x.shape[-1],
+        lambda inputs, copies: kpd_matmul(inputs, copies[0], copies[1], copies[2], rows),
+        lambda copies: kron_materialize([copies[0] * copies[1], copies[2]], rows, x.shape[-1]),
+        cached,
+    )
+
+
+def _choose_kronecker(kind, x, factors, rows, cols, run_factored, build, cached) -> bool:
+    """``cost.choose_factored`` for a Kronecker sum whose last two ``factors`` are ``(r, a_j, b_j)`` stacks."""
+    stacks = factors if kind == "kronecker_sum" else factors[1:]
+    factor_shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in stacks)
+    rank = int(stacks[0].shape[0])
+    tokens = x.numel() // max(cols, 1)
+    return choose_factored(
+        (kind, factor_shapes, rank, rows, cols, cached is not None),
+        lambda backward: kron_path_costs(
+            factor_shapes, rank, tokens, rows, cols, x.element_size(), backward, cached is not None
+        ),
+        run_factored,
+        (lambda inputs, copies: F.linear(inputs, build(copies)))
+        if cached is None
+        else (lambda inputs, copies: F.linear(inputs, cached)),
+        x,
+        factors,
+        cols,
     )
 
 
@@ -90,6 +111,7 @@ class KroneckerSum(Factorization):
         self.rank = int(rank)
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(rank, a, b)) for a, b in self.factor_shapes)
         self.reset_random(1.0)
+        self._fewer_flops_than_dense = self.matmul_flops_per_row() < rows * cols
 
     @property
     def order(self) -> int:
@@ -103,6 +125,15 @@ class KroneckerSum(Factorization):
 
     def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return kron_gather_rows(ids, list(self.factors), self.cols)
+
+    def matmul_flops_per_row(self) -> int:
+        return int(kron_path_costs(self.factor_shapes, self.rank, 1, self.rows, self.cols, 4, False)[0].flops)
+
+    def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Only a product with fewer multiply-adds than the dense one can win; that one is timed once per shape."""
+        return self._fewer_flops_than_dense and factored_is_cheaper(
+            x, list(self.factors), self.rows, self.cols, cached=weight
+        )
 
     def structure(self) -> dict[str, Any]:
         return {
@@ -181,6 +212,7 @@ class KPDFactorization(Factorization):
         self.a = nn.Parameter(torch.empty(rank, *grid))
         self.b = nn.Parameter(torch.empty(rank, block_rows, block_cols))
         self.reset_random(1.0)
+        self._fewer_flops_than_dense = self.matmul_flops_per_row() < rows * cols
 
     @property
     def factor_shapes(self) -> FactorShapes:
@@ -195,12 +227,20 @@ class KPDFactorization(Factorization):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The factored path folds ``S`` into the product (``kpd_matmul``); otherwise materialize-then-matmul."""
-        if factored_is_cheaper(x, [self.a, self.b], self.rows, self.cols):
+        if kpd_factored_is_cheaper(x, self.s, self.a, self.b, self.rows):
             return kpd_matmul(x, self.s, self.a, self.b, self.rows)
         return F.linear(x, self.materialize())
 
     def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return kron_gather_rows(ids, self.kronecker_factors(), self.cols)
+
+    def matmul_flops_per_row(self) -> int:
+        return int(kron_path_costs(self.factor_shapes, self.rank, 1, self.rows, self.cols, 4, False)[0].flops)
+
+    def factored_beats_dense(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return self._fewer_flops_than_dense and kpd_factored_is_cheaper(
+            x, self.s, self.a, self.b, self.rows, cached=weight
+        )
 
     def structure(self) -> dict[str, Any]:
         return {"factorization": self.kind, "block_size": list(self.block_size), "rank": self.rank}

@@ -37,6 +37,9 @@ class LowRankFactorization(Factorization):
     def gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.left[ids] @ self.right
 
+    def matmul_flops_per_row(self) -> int:
+        return self.rank * (self.rows + self.cols)
+
     def structure(self) -> dict[str, Any]:
         return {"factorization": self.kind, "rank": self.rank}
 

@@ -123,7 +123,7 @@ class FactorizedEmbeddingBag(FactorizedTable):
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return embedding_bag_lookup(
-            self.factorization.gather_rows,
+            self.factorization.cached_gather_rows,
             self.embedding_dim,
             input,
             offsets,

@@ -83,7 +83,7 @@ class BlockSparseLinear(nn.Module):
         dense = self.sparse_weight().to_dense()
         return dense.T if self.weight_layout == "conv1d" else dense
 
-    weight = dense_weight_property()
+    weight = dense_weight_property(lambda module: (module.out_features, module.in_features))
 
     def num_nonzeros(self) -> int:
         """Stored weight entries (the non-zero blocks), the inference size of Zhu et al.'s tables."""

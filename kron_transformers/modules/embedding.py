@@ -77,7 +77,7 @@ class FactorizedTable(nn.Module):
         """Dense ``(num_embeddings, embedding_dim)`` table, padding row zero (an embedding's scale not applied)."""
         return zero_index(self.factorization.materialize(), self.padding_idx, 0)
 
-    weight = dense_weight_property()
+    weight = dense_weight_property(lambda module: (module.factorization.rows, module.factorization.cols))
 
     def num_parameters(self) -> int:
         return self.factorization.num_parameters()
@@ -125,7 +125,7 @@ class FactorizedEmbedding(FactorizedTable):
         return module
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.factorization.gather_rows(input_ids)
+        rows = self.factorization.cached_gather_rows(input_ids)
         if self.padding_idx is not None:
             rows = rows.masked_fill((input_ids == self.padding_idx).unsqueeze(-1), 0.0)
         return rows * self.embed_scale if self.embed_scale is not None else rows
@@ -199,10 +199,10 @@ class TiedFactorizedHead(FactorizedTable):
     cheaper (Kronecker sums contract ``h`` with each factor, cost ``~ r sum_j ...`` instead of
     ``V * dim``). For an order-2 Kronecker table ``E = sum_k A_k ⊗ B_k`` the logits are the same op as
     a ``KronLinear`` with ``W = E`` (the dispatched ``kernels.kron_matmul``: the fused Triton kernel on
-    CUDA). The cost model (``factorizations.kronecker.factored_is_cheaper``) picks materialize-then-matmul
-    instead when the batch is large enough to amortize building ``E`` and, per token,
-    ``r (a1 + b2 + 16) b1 a2 >= V * dim`` (high rank or tiny factors). The logit of ``padding_idx`` is 0,
-    as with the zero padding row of a dense tie.
+    CUDA). The cost model (``factorizations.cost``) picks materialize-then-matmul instead where that is
+    faster (many tokens, high rank or tiny factors), and under ``kt.prepare_for_inference`` the logits
+    come from the embedding's cached table unless the factored product is still faster. The logit of
+    ``padding_idx`` is 0, as with the zero padding row of a dense tie.
     """
 
     def __init__(self, embedding: FactorizedEmbedding, bias: nn.Parameter | None = None) -> None:
@@ -215,7 +215,7 @@ class TiedFactorizedHead(FactorizedTable):
         share_factorization_buffers(self)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = zero_index(self.factorization.matmul(hidden_states), self.padding_idx, -1)
+        logits = zero_index(self.factorization.cached_matmul(hidden_states), self.padding_idx, -1)
         return logits + self.bias if self.bias is not None else logits
 
     def num_parameters(self) -> int:

@@ -68,15 +68,20 @@ class FactorizedLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.factorization.matmul(x)
-        return output + self.bias if self.bias is not None else output
+        return self.factorization.cached_matmul(x, self.bias)
 
     def materialize(self) -> torch.Tensor:
         """Dense weight in the replaced module's convention."""
         weight = self.factorization.materialize()
         return weight.T if self.weight_layout == CONV1D_LAYOUT else weight
 
-    weight = dense_weight_property()
+    weight = dense_weight_property(
+        lambda module: (
+            (module.in_features, module.out_features)
+            if module.weight_layout == CONV1D_LAYOUT
+            else (module.out_features, module.in_features)
+        )
+    )
 
     def num_parameters(self) -> int:
         """Parameters of the factorization plus the bias."""
