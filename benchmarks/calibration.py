@@ -7,7 +7,7 @@ compress times, the mean weighted output error ``||(W - W_hat) C^(1/2)|| / ||W C
 the mean cosine of mean-pooled sentence embeddings against the dense model on held-out sentences, and the
 peak resident memory above the process's size before the call. One run, one table.
 
-    python benchmarks/calibration.py --data ../shared/data/multi30k [--model DIR] [--ratios 2 4 8]
+    python benchmarks/calibration.py --data DATA/multi30k [--model DIR] [--ratios 2 4 8]
 
 ``--data`` is a text file (one sentence a line, ``.gz`` allowed: the first ``--calibration`` lines calibrate,
 the last ``--eval`` lines evaluate) or a Multi30k folder (``train.en.gz`` calibrates,
