@@ -135,7 +135,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch_and_push
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
     for name in one:  # all-reduce sums gradients in another order; the l1 step can leave an S entry near 1e-5
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     pushed = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "results.json"}
     assert set(fake_hub.files("recipes/vit-kpd")) == pushed
     assert "| test_accuracy |" in (tmp_path / "two" / "README.md").read_text()
