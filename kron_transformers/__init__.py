@@ -94,3 +94,6 @@ __all__ = [
     "cce",
 ]
 __all__ += ["TensorTrain", "TTEmbedding", "TTEmbeddingBag"]
+from .reconstruct import ReconstructionReport, reconstruct  # noqa: E402
+
+__all__ += ["ReconstructionReport", "reconstruct"]
