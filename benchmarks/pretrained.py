@@ -59,8 +59,15 @@ def read_sentences(path: Path, count: int) -> list[str]:
 
 def encode(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
     return [
-        dict(tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                       return_tensors="pt"))
+        dict(
+            tokenizer(
+                sentences[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        )
         for i in range(0, len(sentences), batch_size)
     ]
 
@@ -99,8 +106,10 @@ def config_for(method: str, ratio: float, init: str, dense):
     elif method == "KPD":
         spec = kt.KPD(compression=ratio)
     else:  # LowRank at Shapeshifter's parameter count, matrix by matrix
-        probe = kt.compress_model(copy.deepcopy(dense), kt.KronConfig(attention=kt.Shapeshifter(compression=ratio),
-                                                                      ffn=kt.Shapeshifter(compression=ratio)))
+        probe = kt.compress_model(
+            copy.deepcopy(dense),
+            kt.KronConfig(attention=kt.Shapeshifter(compression=ratio), ffn=kt.Shapeshifter(compression=ratio)),
+        )
         ranks = {}
         for row in kt.report(probe).modules:
             module = dense.get_submodule(row.name)
@@ -145,23 +154,56 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
     }
     rows = []
     if stage != "recover":
-        rows.append({"stage": stage, "seconds": record["compress_seconds"], "cpu_seconds": record["compress_cpu_seconds"], **fidelity(model, evaluation, reference)})
+        rows.append(
+            {
+                "stage": stage,
+                "seconds": record["compress_seconds"],
+                "cpu_seconds": record["compress_cpu_seconds"],
+                **fidelity(model, evaluation, reference),
+            }
+        )
     else:
         start, cpu = time.perf_counter(), time.process_time()
         report = kt.reconstruct(model, dense, calibration, steps=args.reconstruct_steps, lr=args.reconstruct_lr)
-        rows.append({"stage": "+reconstruct", "seconds": time.perf_counter() - start,
-                     "cpu_seconds": time.process_time() - cpu,
-                     "block_errors": [(b.error_before, b.error_after) for b in report.blocks],
-                     **fidelity(model, evaluation, reference)})
+        rows.append(
+            {
+                "stage": "+reconstruct",
+                "seconds": time.perf_counter() - start,
+                "cpu_seconds": time.process_time() - cpu,
+                "block_errors": [(b.error_before, b.error_after) for b in report.blocks],
+                **fidelity(model, evaluation, reference),
+            }
+        )
         start, cpu = time.perf_counter(), time.process_time()
         kt.distill(model, dense, calibration, steps=args.distill_steps, lr=args.distill_lr, logit_weight=0.0)
-        rows.append({"stage": "+distill", "seconds": rows[0]["seconds"] + time.perf_counter() - start,
-                     "cpu_seconds": rows[0]["cpu_seconds"] + time.process_time() - cpu,
-                     **fidelity(model, evaluation, reference)})
-    record.update(rows=rows, init=init, peak_rss_mb=peak_rss_mb(), above_loaded_mb=peak_rss_mb() - loaded_mb,
-                  settings={k: getattr(args, k) for k in ("calibration", "eval", "batch_size", "max_length",
-                                                         "reconstruct_steps", "reconstruct_lr", "distill_steps",
-                                                         "distill_lr", "threads")})
+        rows.append(
+            {
+                "stage": "+distill",
+                "seconds": rows[0]["seconds"] + time.perf_counter() - start,
+                "cpu_seconds": rows[0]["cpu_seconds"] + time.process_time() - cpu,
+                **fidelity(model, evaluation, reference),
+            }
+        )
+    record.update(
+        rows=rows,
+        init=init,
+        peak_rss_mb=peak_rss_mb(),
+        above_loaded_mb=peak_rss_mb() - loaded_mb,
+        settings={
+            k: getattr(args, k)
+            for k in (
+                "calibration",
+                "eval",
+                "batch_size",
+                "max_length",
+                "reconstruct_steps",
+                "reconstruct_lr",
+                "distill_steps",
+                "distill_lr",
+                "threads",
+            )
+        },
+    )
     return record
 
 
@@ -176,7 +218,8 @@ def load_rows(output: Path) -> list[dict]:
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| method | ratio | params (M) | stage | cosine | top-1 neighbour agreement | wall s | CPU s | peak RSS (MB) |",
+        "| method | ratio | params (M) | stage | cosine | top-1 neighbour agreement | wall s | CPU s "
+        "| peak RSS (MB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {label: i for i, label in enumerate(STAGE_LABELS)}
@@ -186,13 +229,15 @@ def table(records: list[dict]) -> str:
         stage = row["stage"] if row["stage"] in ("svd", "calibrated") else f"{record['init']} {row['stage']}"
         lines.append(
             f"| {record['method']} | {record['ratio']:g}x | {record['parameters'] / 1e6:.2f} | {stage} | "
-            f"{row['cosine']:.3f} | {row['neighbour_agreement']:.3f} | {row['seconds']:.0f} | {row['cpu_seconds']:.0f} | "
+            f"{row['cosine']:.3f} | {row['neighbour_agreement']:.3f} | {row['seconds']:.0f} | "
+            f"{row['cpu_seconds']:.0f} | "
             f"{record['peak_rss_mb']:.0f} |"
         )
     for record in records:
         if "error" in record:
-            lines.append(f"| {record['method']} | {record['ratio']:g}x | - | {record['stage']} | "
-                         f"{record['error']} | | | | |")
+            lines.append(
+                f"| {record['method']} | {record['ratio']:g}x | - | {record['stage']} | {record['error']} | | | | |"
+            )
     return "\n".join(lines)
 
 
@@ -229,8 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    parser.add_argument("--recover-from", default="svd", choices=("svd", "calibrated"),
-                        help="init that reconstruction + distillation start from")
+    parser.add_argument(
+        "--recover-from",
+        default="svd",
+        choices=("svd", "calibrated"),
+        help="init that reconstruction + distillation start from",
+    )
     parser.add_argument("--calibration", type=int, default=512, help="train sentences (calibration, recovery)")
     parser.add_argument("--eval", type=int, default=1000, help="test sentences for the fidelity")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -240,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--row-timeout", type=float, default=1800, help="seconds before a row is recorded as timed out")
+    parser.add_argument(
+        "--row-timeout", type=float, default=1800, help="seconds before a row is recorded as timed out"
+    )
     parser.add_argument("--memory-limit-gb", type=float, default=8.0, help="address-space limit of each row")
     parser.add_argument("--force", action="store_true", help="recompute rows that already exist")
     parser.add_argument("--table", action="store_true", help="only print the table and write the plot")
@@ -260,8 +311,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             record = run_row(args, method, ratio, stage)
         except MemoryError:
-            record = {"method": method, "ratio": ratio, "stage": stage,
-                      "error": f"out of memory (address-space limit {args.memory_limit_gb:g} GB)"}
+            record = {
+                "method": method,
+                "ratio": ratio,
+                "stage": stage,
+                "error": f"out of memory (address-space limit {args.memory_limit_gb:g} GB)",
+            }
         path.write_text(json.dumps(record, indent=1))
         return
     if not args.table:
@@ -271,18 +326,38 @@ def main(argv: list[str] | None = None) -> None:
             for ratio in args.ratios:
                 for method in args.methods:
                     path = row_path(args, method, ratio, stage)
-                    if path.exists() and not args.force and "failed" not in json.loads(path.read_text()).get("error", ""):
+                    if (
+                        path.exists()
+                        and not args.force
+                        and "failed" not in json.loads(path.read_text()).get("error", "")
+                    ):
                         continue
                     print(f"running {path.name}", flush=True)
                     command = [sys.executable, __file__, *passthrough, "--row", method, f"{ratio:g}", stage]
                     try:
                         result = subprocess.run(command, timeout=args.row_timeout)
                         if result.returncode != 0 and not path.exists():
-                            path.write_text(json.dumps({"method": method, "ratio": ratio, "stage": stage,
-                                                        "error": f"failed (exit {result.returncode})"}))
+                            path.write_text(
+                                json.dumps(
+                                    {
+                                        "method": method,
+                                        "ratio": ratio,
+                                        "stage": stage,
+                                        "error": f"failed (exit {result.returncode})",
+                                    }
+                                )
+                            )
                     except subprocess.TimeoutExpired:
-                        path.write_text(json.dumps({"method": method, "ratio": ratio, "stage": stage,
-                                                    "error": f"not finished in {args.row_timeout:.0f} s"}))
+                        path.write_text(
+                            json.dumps(
+                                {
+                                    "method": method,
+                                    "ratio": ratio,
+                                    "stage": stage,
+                                    "error": f"not finished in {args.row_timeout:.0f} s",
+                                }
+                            )
+                        )
     records = load_rows(output)
     print(table(records))
     plot(records, Path(args.plot))

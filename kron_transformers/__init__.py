@@ -41,6 +41,7 @@ from .modules import (
     TTEmbeddingBag,
     Word2KetEmbedding,
 )
+from .reconstruct import ReconstructionReport, reconstruct
 from .report import CompressionReport, report
 from .surgery import applied_config, compress_model, decompress_model
 from .training import KronTrainingCallback, on_train_step
@@ -94,6 +95,4 @@ __all__ = [
     "cce",
 ]
 __all__ += ["TensorTrain", "TTEmbedding", "TTEmbeddingBag"]
-from .reconstruct import ReconstructionReport, reconstruct  # noqa: E402
-
 __all__ += ["ReconstructionReport", "reconstruct"]

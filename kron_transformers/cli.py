@@ -54,9 +54,8 @@ def compress(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from . import compress_model, push_to_hub, report, write_model_card
-    from .integration.checkpoint import model_class_for
-
     from .calibration_data import calibration_batches, load_preprocessor, read_calibration_inputs
+    from .integration.checkpoint import model_class_for
 
     config = _read_config(args.config)
     model_class = model_class_for(AutoConfig.from_pretrained(args.model), args.model_class)

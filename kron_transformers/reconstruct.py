@@ -282,9 +282,7 @@ def reconstruct(
                     after = before
             else:
                 bar.update(steps)
-            report.blocks.append(
-                BlockReconstruction(name, before, after, taken, sum(p.numel() for p in parameters))
-            )
+            report.blocks.append(BlockReconstruction(name, before, after, taken, sum(p.numel() for p in parameters)))
             del inputs, source, targets
     finally:
         bar.close()

@@ -52,7 +52,8 @@ TINY_BERT = dict(
 @dataclass
 class CompressPretrainedArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or folder of the pretrained model; default: a tiny BERT from a config."}
+        default=None,
+        metadata={"help": "Hub id or folder of the pretrained model; default: a tiny BERT from a config."},
     )
     model_class: str | None = field(
         default=None, metadata={"help": "transformers class to load it as (default: config.architectures[0])."}
@@ -139,7 +140,9 @@ def _outputs(model, batches: list[dict]) -> tuple[torch.Tensor, list[torch.Tenso
         pooled.append(_pooled(output.hidden_states[-1], batch))
         if getattr(output, "logits", None) is not None:
             mask = batch.get("attention_mask")
-            logits.append(output.logits[mask.bool()] if mask is not None and output.logits.dim() == 3 else output.logits)
+            logits.append(
+                output.logits[mask.bool()] if mask is not None and output.logits.dim() == 3 else output.logits
+            )
     return torch.cat(pooled), logits
 
 
