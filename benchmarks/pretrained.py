@@ -164,7 +164,14 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
         )
     else:
         start, cpu = time.perf_counter(), time.process_time()
-        report = kt.reconstruct(model, dense, calibration, steps=args.reconstruct_steps, lr=args.reconstruct_lr)
+        report = kt.reconstruct(
+            model,
+            dense,
+            calibration,
+            steps=args.reconstruct_steps,
+            lr=args.reconstruct_lr,
+            target_inputs=args.target_inputs,
+        )
         rows.append(
             {
                 "stage": "+reconstruct",
@@ -198,6 +205,7 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
                 "max_length",
                 "reconstruct_steps",
                 "reconstruct_lr",
+                "target_inputs",
                 "distill_steps",
                 "distill_lr",
                 "threads",
@@ -284,9 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval", type=int, default=1000, help="test sentences for the fidelity")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=48)
-    parser.add_argument("--reconstruct-steps", type=int, default=160)
+    parser.add_argument("--reconstruct-steps", type=int, default=100)
     parser.add_argument("--reconstruct-lr", type=float, default=1e-3)
-    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--target-inputs", default="teacher", choices=("teacher", "student"), help="kt.reconstruct")
+    parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(

@@ -6,13 +6,16 @@ Quantization by Block Reconstruction"; GPTQ: Frantar et al.), applied to factori
 transformer block ``i``, in the order the model runs them:
 
     X_i  = the inputs of block i in the *compressed* student (its blocks < i already reconstructed)
-    Y_i  = dense teacher block i applied to X_i
+    Y_i  = the dense teacher's output of block i
     min over the block's factor parameters   sum ||student_block_i(X_i) - Y_i||^2 / sum ||Y_i||^2
 
-by Adam on the cached ``X_i`` (one calibration batch per step). Feeding the student's own inputs lets each
-block correct the error its predecessors left; the teacher's output on the same inputs is the target
-(``target_inputs="student"``, as GPTQ and BRECQ do). ``target_inputs="teacher"`` instead targets the
-teacher block's output on the teacher's own inputs (the dense model's true activations).
+by Adam on the cached ``X_i`` (one calibration batch per step). GPTQ and BRECQ take the target on the same
+inputs (``target_inputs="student"``: ``Y_i = teacher_block_i(X_i)``); the default ``target_inputs="teacher"``
+takes the teacher block's output on the teacher's own inputs, ``Y_i = teacher_block_i(X_i^teacher)`` (the dense
+model's true activations), so that each block also corrects the error its predecessors left. Measured on
+all-MiniLM-L6-v2 with Shapeshifter 4x (svd init, 40 steps per block, 300 Multi30k test sentences), the mean
+cosine of the sentence embeddings to the dense model's went from 0.15 to 0.51 with ``"teacher"`` and to 0.45
+with ``"student"``.
 
 Memory: one block's cached inputs and targets (plus its positional arguments and keyword arguments such
 as attention masks and rotary position embeddings, captured by a forward pre-hook), never the whole model's.
@@ -198,7 +201,7 @@ def reconstruct(
     batches: Iterable[Mapping[str, torch.Tensor]],
     steps: int = 200,
     lr: float = 1e-3,
-    target_inputs: str = "student",
+    target_inputs: str = "teacher",
     trainable: str = "compressed",
     blocks: list[str] | None = None,
     progress: bool | None = None,
@@ -207,10 +210,13 @@ def reconstruct(
 
     ``batches``: model-input dicts (a DataLoader or a list; iterated once and kept); each Adam step uses one
     of them (a mini-batch of cached block inputs). ``steps``: Adam steps per block, learning rate ``lr``
-    decayed by a cosine to 0. ``trainable="compressed"`` fits the factorized modules' parameters (factors and
-    biases); ``"block"`` also the block's norms and remaining dense layers. A block whose error did not drop
-    keeps its previous parameters, so no block ends worse than it started. ``blocks`` overrides the block
-    names found by :func:`find_blocks`. Returns a :class:`ReconstructionReport` (relative error per block).
+    decayed by a cosine to 0. ``target_inputs``: ``"teacher"`` fits each block to the dense model's own block
+    output, ``"student"`` to the dense block applied to the student's inputs (module docstring).
+    ``trainable="compressed"`` fits the factorized modules' parameters (factors and biases); ``"block"`` also
+    the block's norms and remaining dense layers. A block whose error did not drop keeps its previous
+    parameters, so no block ends worse than it started. ``blocks`` overrides the block names found by
+    :func:`find_blocks`. Returns a :class:`ReconstructionReport` (relative error per block). A tqdm bar shows
+    the progress when stderr is a terminal (``progress=`` forces it on or off).
 
     ```py
     report = kt.reconstruct(compressed, dense, batches, steps=200)

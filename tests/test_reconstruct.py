@@ -51,10 +51,10 @@ def test_reconstruction_lowers_every_block_error(name):
     assert not student.training and all(p.grad is None for p in student.parameters())
 
 
-def test_block_errors_are_measured_on_the_students_own_inputs():
+def test_student_targets_are_the_dense_block_on_the_students_own_inputs():
     student, teacher = compressed_pair("gpt2")
     batches = [model_inputs("gpt2", seed) for seed in range(2)]
-    report = kt.reconstruct(student, teacher, batches, steps=0)
+    report = kt.reconstruct(student, teacher, batches, steps=0, target_inputs="student")
     # block 1's "before" error: the student's block 1 on the student's block-1 inputs vs the teacher's block 1 there
     captured = {}
     handle = student.transformer.h[1].register_forward_pre_hook(
@@ -79,7 +79,7 @@ def test_block_errors_are_measured_on_the_students_own_inputs():
 def test_encoder_decoder_stacks_are_reconstructed_in_execution_order():
     student, teacher = compressed_pair("t5")
     batches = [model_inputs("t5", seed) for seed in range(2)]
-    report = kt.reconstruct(student, teacher, batches, steps=20, lr=1e-2, target_inputs="teacher")
+    report = kt.reconstruct(student, teacher, batches, steps=20, lr=1e-2, target_inputs="student")
     assert [b.name for b in report.blocks] == [f"{s}.block.{i}" for s in ("encoder", "decoder") for i in range(2)]
     assert all(b.error_after <= b.error_before for b in report.blocks)
     assert sum(b.error_after for b in report.blocks) < sum(b.error_before for b in report.blocks)
