@@ -73,7 +73,7 @@ class CompressPretrainedArguments:
     reconstruct_steps: int = field(default=200, metadata={"help": "kt.reconstruct Adam steps per block (0: skip)."})
     reconstruct_lr: float = field(default=1e-3, metadata={"help": "kt.reconstruct learning rate."})
     distill_steps: int = field(default=300, metadata={"help": "kt.distill steps (0: skip)."})
-    distill_lr: float = field(default=3e-4, metadata={"help": "kt.distill peak learning rate."})
+    distill_lr: float = field(default=1e-3, metadata={"help": "kt.distill peak learning rate."})
     batch_size: int = field(default=16, metadata={"help": "Inputs per batch."})
     max_length: int = field(default=64, metadata={"help": "Maximum tokens per text input."})
     seed: int = field(default=0, metadata={"help": "Seed of the tiny default model and of the optimizers."})
