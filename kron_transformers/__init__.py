@@ -62,6 +62,8 @@ _EXPORTS = {
     "TTEmbedding": "modules",
     "TTEmbeddingBag": "modules",
     "Word2KetEmbedding": "modules",
+    "ReconstructionReport": "reconstruct",
+    "reconstruct": "reconstruct",
     "CompressionReport": "report",
     "report": "report",
     "applied_config": "surgery",

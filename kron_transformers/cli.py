@@ -2,6 +2,7 @@
 
 ```
 kron-transformers compress t5-small --config cfg.yaml --output t5-small-kron [--push-to-hub me/t5-small-kron]
+kron-transformers compress DIR --config cfg.yaml --output OUT --calibration-data sentences.txt  # init: calibrated
 kron-transformers report t5-small-kron
 kron-transformers decompress t5-small-kron --output t5-small-dense
 kron-transformers card t5-small-kron --metrics results.json
@@ -68,17 +69,26 @@ def compress(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from . import compress_model, push_to_hub, report, write_model_card
+    from .calibration_data import calibration_batches, load_preprocessor, read_calibration_inputs
     from .integration.checkpoint import model_class_for
 
     _existing_model(args.model)
     config = _read_config(args.config)
     model_class = model_class_for(AutoConfig.from_pretrained(args.model), args.model_class)
+    preprocessor = load_preprocessor(args.model)
+    batches = None
+    if args.calibration_data:
+        inputs = read_calibration_inputs(args.calibration_data, args.text_column, args.calibration_samples)
+        batches = calibration_batches(preprocessor, inputs, args.calibration_batch_size)
+        _progress(f"calibration data: {len(inputs)} inputs from {args.calibration_data}")
+    elif config.init == "calibrated":
+        raise ValueError("init='calibrated' needs --calibration-data FILE (text lines, .jsonl or an image folder)")
     start = time.perf_counter()
-    if config.init == "calibrated":  # calibration runs the dense model on data: load it whole first
+    if batches is not None:  # calibration runs the dense model on data: load it whole first
         _progress(f"loading {args.model} as {model_class.__name__}")
         model = model_class.from_pretrained(args.model)
         _progress(f"compressing (init={config.init})")
-        compress_model(model, config)
+        compress_model(model, config, calibration_data=batches)
     else:  # each targeted weight is factorized as it is read (integration/streaming.py)
         _progress(f"loading {args.model} as {model_class.__name__}, compressing while loading (init={config.init})")
         model = model_class.from_pretrained(args.model, quantization_config=config)
@@ -87,6 +97,8 @@ def compress(args: argparse.Namespace) -> None:
     base_model = args.base_model  # None: the card derives it from the loaded model's name when it is a Hub id
     _progress(f"saving to {args.output}")
     model.save_pretrained(args.output)
+    if preprocessor is not None:
+        preprocessor.save_pretrained(args.output)
     write_model_card(model, args.output, repo_id=args.push_to_hub, base_model=base_model)
     if args.push_to_hub:
         _progress(f"pushing to {args.push_to_hub}")
@@ -135,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-class", help="transformers class, e.g. AutoModelForSeq2SeqLM (default: config.architectures[0])"
     )
     command.add_argument("--base-model", help="base_model for the card (default: MODEL when it is a Hub id)")
+    command.add_argument(
+        "--calibration-data",
+        metavar="FILE",
+        help="inputs for init='calibrated': a text file (one input a line, .gz ok), a .jsonl, or an image folder",
+    )
+    command.add_argument("--text-column", default="text", help="the text field of --calibration-data .jsonl records")
+    command.add_argument("--calibration-samples", type=int, default=512, help="use at most this many inputs")
+    command.add_argument("--calibration-batch-size", type=int, default=16, help="inputs per calibration batch")
     command.set_defaults(run=compress)
 
     command = commands.add_parser("report", help="print the parameter table of a compressed checkpoint")

@@ -1,0 +1,299 @@
+"""``kt.reconstruct``: block-wise reconstruction of a compressed model against its dense teacher.
+
+The approach that makes post-training quantization work (AdaRound: Nagel et al., "Up or Down? Adaptive
+Rounding for Post-Training Quantization"; BRECQ: Li et al., "BRECQ: Pushing the Limit of Post-Training
+Quantization by Block Reconstruction"; GPTQ: Frantar et al.), applied to factorized layers. For each
+transformer block ``i``, in the order the model runs them:
+
+    X_i  = the inputs of block i in the *compressed* student (its blocks < i already reconstructed)
+    Y_i  = the dense teacher's output of block i
+    min over the block's factor parameters   sum ||student_block_i(X_i) - Y_i||^2 / sum ||Y_i||^2
+
+by Adam on the cached ``X_i`` (one calibration batch per step). GPTQ and BRECQ take the target on the same
+inputs (``target_inputs="student"``: ``Y_i = teacher_block_i(X_i)``); the default ``target_inputs="teacher"``
+takes the teacher block's output on the teacher's own inputs, ``Y_i = teacher_block_i(X_i^teacher)`` (the dense
+model's true activations), so that each block also corrects the error its predecessors left. Measured on
+all-MiniLM-L6-v2 with Shapeshifter 4x (svd init, 40 steps per block, 300 Multi30k test sentences), the mean
+cosine of the sentence embeddings to the dense model's went from 0.15 to 0.51 with ``"teacher"`` and to 0.45
+with ``"student"``.
+
+Memory: one block's cached inputs and targets (plus its positional arguments and keyword arguments such
+as attention masks and rotary position embeddings, captured by a forward pre-hook), never the whole model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import move_to_device
+from .modules import COMPRESSED_MODULES
+
+
+TARGET_INPUTS = ("student", "teacher")
+TRAINABLE = ("compressed", "block")
+
+
+@dataclass
+class BlockReconstruction:
+    """One block's relative output error ``sum ||s - t||^2 / sum ||t||^2`` before and after fitting."""
+
+    name: str
+    error_before: float
+    error_after: float
+    steps: int
+    parameters: int
+
+
+@dataclass
+class ReconstructionReport:
+    """What ``kt.reconstruct`` did, block by block."""
+
+    blocks: list[BlockReconstruction] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{'block':<40} {'params':>9} {'error before':>13} {'error after':>12}"]
+        for block in self.blocks:
+            lines.append(
+                f"{block.name:<40} {block.parameters:>9} {block.error_before:>13.5f} {block.error_after:>12.5f}"
+            )
+        return "\n".join(lines)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the block of interest needs to run."""
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's transformer blocks (e.g. ``bert.encoder.layer.0``), in module order.
+
+    A block is a child of an ``nn.ModuleList`` whose children all share one class; the classes the model
+    lists in ``_no_split_modules`` (transformers' own notion of a block) are preferred, otherwise the
+    lists holding the most parameters. Encoder-decoder models have two such lists (both are returned).
+    """
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        candidates.append((name, type(module[0]).__name__, size))
+    preferred = [c for c in candidates if c[1] in no_split]
+    if not preferred and candidates:
+        largest = max(size for _, _, size in candidates)
+        preferred = [c for c in candidates if c[2] * 2 >= largest]  # the stack(s), not small helper lists
+    # nested lists (a block's own ModuleList of heads or experts) are not blocks
+    names = [c[0] for c in preferred]
+    names = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+    return [f"{name}.{index}" for name in names for index in range(len(model.get_submodule(name)))]
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """The hidden states a block returns (a tensor, or the first element of its tuple / model output)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"reconstruct: a block returned {type(output).__name__}; expected a tensor or a tuple of them")
+
+
+def _model_kwargs(model: nn.Module) -> dict:
+    """Forward arguments that make a run cache-free (no key/value cache objects in the captured kwargs)."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in parameters or "kwargs" in parameters else {}
+
+
+@torch.no_grad()
+def _capture_inputs(model: nn.Module, block_name: str, batches: list[dict]) -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` of ``block_name`` for each batch; the forward stops at the block."""
+    block = model.get_submodule(block_name)
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((_detach(args), _detach(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    extra = _model_kwargs(model)
+    try:
+        for batch in batches:
+            try:
+                model(**batch, **extra)
+            except _StopForward:
+                continue
+            raise ValueError(f"reconstruct: block {block_name} did not run on a calibration batch")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _execution_order(model: nn.Module, names: list[str], batch: dict) -> list[str]:
+    """``names`` sorted by when each block first runs (encoder stack before decoder stack)."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch, **_model_kwargs(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen = list(dict.fromkeys(order))
+    missing = [name for name in names if name not in seen]
+    if missing:
+        raise ValueError(f"reconstruct: blocks {missing} never ran on the calibration data")
+    return seen
+
+
+def _relative_error(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor]) -> float:
+    error = energy = 0.0
+    with torch.no_grad():
+        for (args, kwargs), target in zip(inputs, targets):
+            output = _first_tensor(block(*args, **kwargs))
+            error += float((output - target).pow(2).sum())
+            energy += float(target.pow(2).sum())
+    return error / max(energy, 1e-30)
+
+
+def _trainable_parameters(block: nn.Module, trainable: str) -> list[nn.Parameter]:
+    if trainable == "block":
+        return [p for p in block.parameters() if p.requires_grad]
+    seen: set[int] = set()
+    parameters = []
+    for module in block.modules():
+        if isinstance(module, COMPRESSED_MODULES):
+            for parameter in module.parameters():
+                if parameter.requires_grad and id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    parameters.append(parameter)
+    return parameters
+
+
+def reconstruct(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    steps: int = 200,
+    lr: float = 1e-3,
+    target_inputs: str = "teacher",
+    trainable: str = "compressed",
+    blocks: list[str] | None = None,
+    progress: bool | None = None,
+) -> ReconstructionReport:
+    """Fit each block of the compressed ``student`` to the dense ``teacher``'s block, one block at a time.
+
+    ``batches``: model-input dicts (a DataLoader or a list; iterated once and kept); each Adam step uses one
+    of them (a mini-batch of cached block inputs). ``steps``: Adam steps per block, learning rate ``lr``
+    decayed by a cosine to 0. ``target_inputs``: ``"teacher"`` fits each block to the dense model's own block
+    output, ``"student"`` to the dense block applied to the student's inputs (module docstring).
+    ``trainable="compressed"`` fits the factorized modules' parameters (factors and biases); ``"block"`` also
+    the block's norms and remaining dense layers. A block whose error did not drop keeps its previous
+    parameters, so no block ends worse than it started. ``blocks`` overrides the block names found by
+    :func:`find_blocks`. Returns a :class:`ReconstructionReport` (relative error per block). A tqdm bar shows
+    the progress when stderr is a terminal (``progress=`` forces it on or off).
+
+    ```py
+    report = kt.reconstruct(compressed, dense, batches, steps=200)
+    print(report)
+    ```
+    """
+    if steps < 0:
+        raise ValueError(f"reconstruct: steps must be >= 0, got {steps}")
+    if target_inputs not in TARGET_INPUTS:
+        raise ValueError(f"reconstruct: target_inputs must be one of {TARGET_INPUTS}, got {target_inputs!r}")
+    if trainable not in TRAINABLE:
+        raise ValueError(f"reconstruct: trainable must be one of {TRAINABLE}, got {trainable!r}")
+    device = next(student.parameters()).device
+    batches = [move_to_device(dict(batch), device) for batch in batches]
+    if not batches:
+        raise ValueError("reconstruct: batches is empty; pass a DataLoader or list of model-input dicts")
+    names = blocks if blocks is not None else find_blocks(teacher)
+    if not names:
+        raise ValueError(
+            f"reconstruct: found no transformer blocks in {type(teacher).__name__} (an nn.ModuleList of blocks of "
+            "one class); pass blocks=[...] with the block module names"
+        )
+    for name in names:
+        try:
+            student.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"reconstruct: the student has no module {name!r} (the teacher does)") from None
+    names = _execution_order(teacher, names, batches[0])
+
+    was_training = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    report = ReconstructionReport()
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=len(names) * steps, desc="reconstruct", disable=not show)
+    try:
+        for name in names:
+            student_block, teacher_block = student.get_submodule(name), teacher.get_submodule(name)
+            inputs = _capture_inputs(student, name, batches)
+            source = inputs if target_inputs == "student" else _capture_inputs(teacher, name, batches)
+            with torch.no_grad():
+                targets = [_first_tensor(teacher_block(*args, **kwargs)).detach() for args, kwargs in source]
+            parameters = _trainable_parameters(student_block, trainable)
+            before = _relative_error(student_block, inputs, targets)
+            after, taken = before, 0
+            if parameters and steps:
+                saved = copy.deepcopy([p.detach() for p in parameters])
+                optimizer = torch.optim.Adam(parameters, lr=lr)
+                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                order = torch.randperm(len(inputs) * (steps // len(inputs) + 1))
+                for step in range(steps):
+                    index = int(order[step]) % len(inputs)
+                    args, kwargs = inputs[index]
+                    target = targets[index]
+                    output = _first_tensor(student_block(*args, **kwargs))
+                    loss = (output - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    bar.update(1)
+                    bar.set_postfix(block=name, loss=f"{loss.item():.4f}", refresh=False)
+                taken = steps
+                after = _relative_error(student_block, inputs, targets)
+                if not after < before:
+                    with torch.no_grad():
+                        for parameter, value in zip(parameters, saved):
+                            parameter.copy_(value)
+                    after = before
+            else:
+                bar.update(steps)
+            report.blocks.append(BlockReconstruction(name, before, after, taken, sum(p.numel() for p in parameters)))
+            del inputs, source, targets
+    finally:
+        bar.close()
+        for parameter in student.parameters():
+            parameter.grad = None
+        student.train(was_training[0])
+        teacher.train(was_training[1])
+    return report

@@ -1,0 +1,133 @@
+"""``kt.reconstruct`` (block-wise fitting to the dense teacher) and ``kt.distill``'s schedule, loss and Accelerate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import build_model, make_inputs
+
+import kron_transformers as kt
+from kron_transformers.reconstruct import find_blocks
+
+
+def model_inputs(name: str, seed: int) -> dict[str, torch.Tensor]:
+    inputs = make_inputs(name, seed)
+    labels = inputs.pop("labels")
+    if name == "t5":
+        inputs["decoder_input_ids"] = labels
+    return inputs
+
+
+def compressed_pair(name: str):
+    teacher = build_model(name)
+    config = kt.KronConfig(attention=kt.Shapeshifter(rank=1), ffn=kt.LowRank(rank=2))
+    return kt.compress_model(copy.deepcopy(teacher), config), teacher
+
+
+def last_hidden_error(student, teacher, batches) -> float:
+    with torch.no_grad():
+        return sum(
+            float((student(**b, output_hidden_states=True).hidden_states[-1]
+                   - teacher(**b, output_hidden_states=True).hidden_states[-1]).pow(2).sum())
+            for b in batches
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_reconstruction_lowers_every_block_error(name):
+    student, teacher = compressed_pair(name)
+    batches = [model_inputs(name, seed) for seed in range(3)]
+    before = last_hidden_error(student, teacher, batches)
+    torch.manual_seed(0)
+    report = kt.reconstruct(student, teacher, batches, steps=40, lr=1e-2)
+    assert [block.name for block in report.blocks] == find_blocks(teacher) and len(report.blocks) == 2
+    for block in report.blocks:
+        assert block.error_after < 0.9 * block.error_before, block
+        assert block.steps == 40 and block.parameters > 0
+    assert last_hidden_error(student, teacher, batches) < 0.8 * before
+    assert "error before" in str(report)
+    assert not student.training and all(p.grad is None for p in student.parameters())
+
+
+def test_student_targets_are_the_dense_block_on_the_students_own_inputs():
+    student, teacher = compressed_pair("gpt2")
+    batches = [model_inputs("gpt2", seed) for seed in range(2)]
+    report = kt.reconstruct(student, teacher, batches, steps=0, target_inputs="student")
+    # block 1's "before" error: the student's block 1 on the student's block-1 inputs vs the teacher's block 1 there
+    captured = {}
+    handle = student.transformer.h[1].register_forward_pre_hook(
+        lambda m, a, k: captured.setdefault(len(captured), (a, k)), with_kwargs=True
+    )
+    with torch.no_grad():
+        for b in batches:
+            student(**b, use_cache=False)
+    handle.remove()
+    error = energy = 0.0
+    with torch.no_grad():
+        for args, kwargs in captured.values():
+            s = student.transformer.h[1](*args, **kwargs)
+            t = teacher.transformer.h[1](*args, **kwargs)
+            s, t = (s[0], t[0]) if isinstance(s, tuple) else (s, t)
+            error += float((s - t).pow(2).sum())
+            energy += float(t.pow(2).sum())
+    assert report.blocks[1].error_before == pytest.approx(error / energy, rel=1e-5)
+    assert report.blocks[1].error_after == report.blocks[1].error_before  # steps=0 changes nothing
+
+
+def test_encoder_decoder_stacks_are_reconstructed_in_execution_order():
+    student, teacher = compressed_pair("t5")
+    batches = [model_inputs("t5", seed) for seed in range(2)]
+    report = kt.reconstruct(student, teacher, batches, steps=20, lr=1e-2, target_inputs="student")
+    assert [b.name for b in report.blocks] == [f"{s}.block.{i}" for s in ("encoder", "decoder") for i in range(2)]
+    assert all(b.error_after <= b.error_before for b in report.blocks)
+    assert sum(b.error_after for b in report.blocks) < sum(b.error_before for b in report.blocks)
+
+
+def test_reconstruct_rejects_bad_arguments():
+    student, teacher = compressed_pair("bert")
+    batches = [model_inputs("bert", 0)]
+    with pytest.raises(ValueError, match="target_inputs must be one of"):
+        kt.reconstruct(student, teacher, batches, target_inputs="dense")
+    with pytest.raises(ValueError, match="batches is empty"):
+        kt.reconstruct(student, teacher, [])
+    with pytest.raises(ValueError, match="found no transformer blocks"):
+        kt.reconstruct(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), [{"input": torch.ones(1, 2)}])
+    with pytest.raises(ValueError, match="has no module"):
+        kt.reconstruct(student, teacher, batches, blocks=["bert.encoder.layer.7"])
+
+
+def test_distill_defaults_lower_the_hidden_state_error_with_a_decaying_schedule():
+    student, teacher = compressed_pair("bert")
+    batches = [{"input_ids": model_inputs("bert", seed)["input_ids"]} for seed in range(4)]
+    before = last_hidden_error(student, teacher, batches)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3)
+    losses = kt.distill(student, teacher, batches, steps=60, optimizer=optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine decay to 0
+    assert losses[-1] < losses[0]
+    assert last_hidden_error(student, teacher, batches) < 0.7 * before
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        kt.distill(student, teacher, batches, steps=2, schedule="step")
+
+
+def test_distill_hidden_loss_is_relative_to_the_teachers_variance():
+    student, teacher = compressed_pair("bert")
+    batch = {"input_ids": model_inputs("bert", 0)["input_ids"]}
+    loss = kt.distill(student, teacher, [batch], steps=1, lr=1e-12, logit_weight=0.0)[0]
+    with torch.no_grad():
+        s = student(**batch, output_hidden_states=True).hidden_states
+        t = teacher(**batch, output_hidden_states=True).hidden_states
+    expected = sum(float((a - b).pow(2).mean() / b.var()) for a, b in zip(s, t)) / len(t)
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_distill_through_accelerate():
+    from accelerate import Accelerator
+
+    student, teacher = compressed_pair("gpt2")
+    batches = [{"input_ids": model_inputs("gpt2", seed)["input_ids"]} for seed in range(3)]
+    before = last_hidden_error(student, teacher, batches)
+    losses = kt.distill(student, teacher, batches, steps=30, lr=1e-2, accelerator=Accelerator(cpu=True))
+    assert losses[-1] < losses[0] and last_hidden_error(student, teacher, batches) < before
