@@ -17,8 +17,8 @@ cosine is the same under the compressed and the dense embeddings). Every (method
 own subprocess (so its peak RSS is its own; memory above the loaded dense model is reported too) and writes
 one json into ``--output``; reruns skip rows that exist (``--force`` recomputes), so the long run resumes.
 
-    OMP_NUM_THREADS=1 python benchmarks/pretrained.py --data ../shared/data/multi30k [--output DIR]
-    python benchmarks/pretrained.py --data ../shared/data/multi30k --table  # print the table, plot
+    OMP_NUM_THREADS=1 python benchmarks/pretrained.py --data DATA/multi30k [--output DIR]
+    python benchmarks/pretrained.py --data DATA/multi30k --table  # print the table, plot
 """
 
 from __future__ import annotations
