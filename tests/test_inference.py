@@ -266,6 +266,31 @@ def test_measured_decisions_are_remembered_per_bucket(monkeypatch):
         cost.set_cost_model("fastest")
 
 
+@pytest.mark.parametrize(("margin", "measured"), [(1.0, False), (1e12, True)])
+def test_counts_far_apart_decide_without_a_measurement(monkeypatch, margin, measured):
+    """Timing a path the counts already rule out only costs time and memory (rank ~180: gigabytes)."""
+    timings = []
+
+    def stub_benchmark(run_factored, run_materialize, factors, tokens, cols, backward):
+        timings.append(tokens)
+        return True
+
+    monkeypatch.setattr(cost, "_measure_factored_is_faster", stub_benchmark)
+    monkeypatch.setattr(cost, "CLEAR_MARGIN", margin)
+    cost.set_device_speed("cpu", torch.float32, cost.DeviceSpeed(1e-9, 1e-9, 1e-6))
+    cost.set_cost_model("measure")
+    cost.clear_decisions()
+    try:
+        factors = [torch.randn(2, a, b) for a, b in KRON_SHAPES]
+        with torch.no_grad():
+            factored_is_cheaper(torch.randn(64, 64), factors, 128, 64)
+        assert (timings == [64]) is measured
+    finally:
+        cost.set_device_speed("cpu", torch.float32, None)
+        cost.set_cost_model(None)
+        cost.clear_decisions()
+
+
 def test_hf_utilities_read_the_view_of_a_tied_embedding(monkeypatch):
     model = build_model("gpt2")
     kt.compress_model(model, kt.KronConfig(embedding=kt.Word2KetXS(rank=2)))

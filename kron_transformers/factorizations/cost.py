@@ -9,8 +9,10 @@ Counts miss what dominates on real hardware at these sizes: GEMMs with an inner 
 (the factored path's) run several times below the large-GEMM rate. So, in the default mode ``"measure"``,
 the first call with a new (shapes, rank, token bucket, dtype, device, backward) key times both paths on
 that shape (interleaved, best of a few runs; CPU time on CPU, so other processes' load does not bias it)
-and remembers the faster one; the counts only decide where nothing can be timed (under
-``torch.compile``) and in mode ``"count"``. Modes (``KRON_TRANSFORMERS_COST_MODEL`` or ``set_cost_model``):
+and remembers the faster one; the counts decide where nothing can be timed (under ``torch.compile``),
+in mode ``"count"``, and where they differ by ``CLEAR_MARGIN`` or more (timing the slow path would only
+cost time and memory: at rank ~180, a 2x-compressed MiniLM's factored intermediates took 3.5 GB and the
+timing tripled a reconstruction's CPU time). Modes (``KRON_TRANSFORMERS_COST_MODEL`` or ``set_cost_model``):
 
 - ``"measure"``: per-shape micro-benchmark, cached (default);
 - ``"count"``: counts priced by ``device_speed`` (deterministic; the tests use it);
@@ -32,6 +34,7 @@ COST_MODEL_ENV = "KRON_TRANSFORMERS_COST_MODEL"
 COST_MODELS = ("measure", "count", "factored", "materialize")
 MEASURE_REPEATS = 9
 MEASURE_SECONDS = 0.5  # time budget of one shape's measurement beyond its first (warm-up) run of each path
+CLEAR_MARGIN = 4.0  # counted costs this far apart decide without a measurement
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,11 @@ def choose_factored(
     decision_key = (key, bucket, x.dtype, x.device.type, backward)
     decision = _decisions.get(decision_key)
     if decision is None:
-        decision = _measure_factored_is_faster(run_factored, run_materialize, factors, bucket, cols, backward)
+        speed = device_speed(x.device, x.dtype)
+        factored, materialize = (speed.seconds(cost) for cost in costs(backward))
+        if max(factored, materialize) >= CLEAR_MARGIN * min(factored, materialize):
+            decision = factored <= materialize  # a measurement would only confirm it, at the slow path's cost
+        else:
+            decision = _measure_factored_is_faster(run_factored, run_materialize, factors, bucket, cols, backward)
         _decisions[decision_key] = decision
     return decision
