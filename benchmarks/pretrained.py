@@ -224,20 +224,30 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[float, float]]] = {}
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for record in records:
         for row in record.get("rows", []):
-            label = row["stage"] if row["stage"] in ("svd", "calibrated") else f"{record['init']} {row['stage']}"
-            lines.setdefault(f"{record['method']} {label}", []).append((record["parameters"] / 1e6, row["cosine"]))
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for label, points in sorted(lines.items()):
+            stage = row["stage"] if row["stage"] in ("svd", "calibrated") else f"{record['init']} {row['stage']}"
+            lines.setdefault((record["method"], stage), []).append((record["parameters"] / 1e6, row["cosine"]))
+    stages = sorted({stage for _, stage in lines})
+    colors = {stage: plt.get_cmap("tab10")(i) for i, stage in enumerate(stages)}  # colour = stage
+    markers = dict(zip(METHODS, ("o", "s", "^")))  # marker and line style = method
+    styles = dict(zip(METHODS, ("-", "--", ":")))
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for (method, stage), points in sorted(lines.items()):
         points.sort()
-        axis.plot(*zip(*points), marker="o", label=label)
+        axis.plot(
+            *zip(*points),
+            color=colors[stage],
+            marker=markers[method],
+            linestyle=styles[method],
+            label=f"{method} {stage}",
+        )
     axis.set_xlabel("parameters (M, whole model)")
     axis.set_ylabel("mean cosine vs dense (1000 Multi30k test sentences)")
     axis.set_title("all-MiniLM-L6-v2, attention + FFN compressed")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
