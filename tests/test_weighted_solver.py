@@ -34,22 +34,24 @@ def matrix_root(matrix: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
 
 
-def dense_half_step(weight, moment, shapes, second):
-    """Least-squares ``A`` for fixed ``B`` from the explicit design matrix: column ``(k, i, j)`` is
-    ``vec((E_ij ⊗ B_k) C^(1/2))``, built with ``torch.kron`` (a test-only, Kronecker-sized operator)."""
-    (a1, b1), _ = shapes
-    rank = second.shape[0]
+def dense_half_step(weight, moment, fixed, free_shape, free_is_first):
+    """Least-squares free factor (``A`` when ``free_is_first``, else ``B``) for the other one fixed, from the
+    explicit design matrix: column ``(k, i, j)`` is ``vec((E_ij ⊗ B_k) C^(1/2))`` (or ``vec((A_k ⊗ E_ij) C^(1/2))``),
+    built with ``torch.kron`` (a test-only, Kronecker-sized operator)."""
+    rows, cols = free_shape
+    rank = fixed.shape[0]
     root = matrix_root(moment)
     columns = []
     for k in range(rank):
-        for i in range(a1):
-            for j in range(b1):
-                unit = torch.zeros(a1, b1, dtype=torch.float64)
+        for i in range(rows):
+            for j in range(cols):
+                unit = torch.zeros(rows, cols, dtype=torch.float64)
                 unit[i, j] = 1.0
-                columns.append((torch.kron(unit, second[k]) @ root).reshape(-1))
+                pair = torch.kron(unit, fixed[k]) if free_is_first else torch.kron(fixed[k], unit)
+                columns.append((pair @ root).reshape(-1))
     design = torch.stack(columns, 1)
     solution = torch.linalg.lstsq(design, (weight @ root).reshape(-1, 1)).solution
-    return solution.reshape(rank, a1, b1)
+    return solution.reshape(rank, rows, cols)
 
 
 HALF_STEP_CASES = [(((3, 4), (5, 2)), 3), (((2, 3), (3, 5)), 2), (((4, 2), (3, 2)), 3)]
@@ -74,29 +76,12 @@ def test_both_half_steps_equal_the_dense_least_squares_solution(shapes, rank, so
         dimension = rank * max(b1, b2)
         solved_first, error = problem.solve_iterative(torch.zeros_like(first), second, 4 * dimension, budget)
         solved_second, _ = shuffled.solve_iterative(torch.zeros_like(second), first, 4 * dimension, budget)
-    expected_first = dense_half_step(weight, moment, shapes, second)
+    expected_first = dense_half_step(weight, moment, second, shapes[0], free_is_first=True)
     torch.testing.assert_close(solved_first, expected_first, rtol=1e-4, atol=1e-5 * expected_first.abs().max())
-    expected_second = _dense_second_half_step(weight, moment, shapes, first)
+    expected_second = dense_half_step(weight, moment, first, shapes[1], free_is_first=False)
     torch.testing.assert_close(solved_second, expected_second, rtol=1e-4, atol=1e-5 * expected_second.abs().max())
     approximation = sum(torch.kron(solved_first[k], second[k]) for k in range(rank))
     assert error == pytest.approx(weighted_error(weight, approximation, moment), rel=1e-6)
-
-
-def _dense_second_half_step(weight, moment, shapes, first):
-    """Least-squares ``B`` for fixed ``A`` from the explicit design matrix (columns ``vec((A_k ⊗ E_pq) C^½)``)."""
-    _, (a2, b2) = shapes
-    rank = first.shape[0]
-    root = matrix_root(moment)
-    columns = []
-    for k in range(rank):
-        for p in range(a2):
-            for q in range(b2):
-                unit = torch.zeros(a2, b2, dtype=torch.float64)
-                unit[p, q] = 1.0
-                columns.append((torch.kron(first[k], unit) @ root).reshape(-1))
-    design = torch.stack(columns, 1)
-    solution = torch.linalg.lstsq(design, (weight @ root).reshape(-1, 1)).solution
-    return solution.reshape(rank, a2, b2)
 
 
 @pytest.mark.parametrize("solver", ["cholesky", "cg"])
