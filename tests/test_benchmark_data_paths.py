@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -22,8 +23,8 @@ def load(name: str):
 @pytest.mark.parametrize(
     ("name", "argv", "message"),
     [
-        ("recipes_real_data", ["{missing}"], "data folder {missing}: missing {missing}/multi30k/train.de.gz, "),
-        ("recipes_real_data", ["{missing}", "--only", "cifar10"], "missing {missing}/cifar10/test_images.npz (DATA"),
+        ("quality", ["{missing}"], "data folder {missing}: missing {missing}/multi30k/train.de.gz, "),
+        ("quality", ["{missing}", "--tasks", "cifar10"], "missing {missing}/cifar10/test_images.npz (DATA"),
         ("neukron", ["--multi30k", "{missing}"], "--multi30k {missing}: no train.en.gz there"),
     ],
 )

@@ -32,6 +32,7 @@ from recipe_kit import builtin  # noqa: E402
 from recipe_kit.arguments import DataArguments  # noqa: E402
 from recipe_kit.data import read_image_source, read_text_file  # noqa: E402
 from recipe_kit.errors import RecipeError, run_main  # noqa: E402
+from recipe_kit.loop import EarlyStopping, EpochShuffleSampler  # noqa: E402
 from recipe_kit.metrics import accuracy, bleu, rouge  # noqa: E402
 from recipe_kit.optim import Lamb, inverse_sqrt_factor  # noqa: E402
 from recipe_kit.presets import available_presets, load_preset  # noqa: E402
@@ -74,6 +75,53 @@ def test_translation_trains_evaluates_saves_and_resumes_with_the_same_losses(tmp
         torch.testing.assert_close(resumed_final[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_validation_during_training_restores_the_best_weights_before_the_test(tmp_path):
+    output = tmp_path / "out"
+    arguments = [*SEQ2SEQ, "--max_steps", "6", "--eval_steps", "2", "--group_by_length", "--checkpointing_steps", "0"]
+    results = translation.main([*arguments, "--learning_rate", "0.02", "--output_dir", str(output)])
+    validation = [record for record in log(output) if "validation_bleu" in record]
+    assert [record["step"] for record in validation] == [2, 4, 6]
+    best = max(validation, key=lambda record: record["validation_bleu"])  # the first of equal scores wins
+    assert results["best_step"] == best["step"] and results["validation"] == {"bleu": best["validation_bleu"]}
+    assert results["validation_evaluations"] == 3 and results["stopped_early"] is False
+
+
+def test_early_stopping_counts_evaluations_without_improvement_and_restores_the_best():
+    model = torch.nn.Linear(2, 2)
+    watch = EarlyStopping(patience=2)
+    watch.update(10, {"bleu": 5.0, "other": 1.0}, model)
+    best = {name: value.clone() for name, value in model.state_dict().items()}
+    for step, score in ((20, 5.0), (30, 4.0)):  # a tie is no improvement
+        assert not watch.stop
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        watch.update(step, {"bleu": score}, model)
+    assert watch.stop and watch.summary() == {
+        "best_step": 10,
+        "validation": {"bleu": 5.0, "other": 1.0},
+        "validation_evaluations": 3,
+        "stopped_early": True,
+    }
+    watch.restore_best(model)
+    torch.testing.assert_close(model.state_dict(), best, rtol=0, atol=0)
+
+
+def test_group_by_length_batches_similar_lengths_and_covers_every_example_once():
+    lengths = torch.randint(1, 200, (1030,), generator=torch.Generator().manual_seed(0)).tolist()
+    sampler = EpochShuffleSampler(len(lengths), seed=3, lengths=lengths, batch_size=10)
+    order = list(sampler)
+    assert sorted(order) == list(range(1030)) and order == list(sampler)  # same epoch, same order
+    sampler.use_epoch(1)
+    assert list(sampler) != order
+    batches = [order[i : i + 10] for i in range(0, 1030, 10)]
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches[:-1]])
+    assert spread < 10  # random batches of 10 from 1..199 spread ~160
+    plain = list(EpochShuffleSampler(len(lengths), seed=3))
+    assert np.mean([np.ptp([lengths[i] for i in plain[j : j + 10]]) for j in range(0, 1030, 10)]) > 100
+    with pytest.raises(ValueError, match="need 1030 lengths and a batch size"):
+        EpochShuffleSampler(1030, seed=3, lengths=lengths)
+
+
 def test_summarization_compresses_a_pretrained_folder_with_svd_on_local_jsonl(tmp_path):
     splits = builtin.summarization(size=480)
     for name in ("train", "validation"):
@@ -111,6 +159,8 @@ def test_image_classification_with_kpd_l1_from_npz(tmp_path):
     )
     assert results["eval_split"] == "validation" and 0 <= results["metrics"]["validation_accuracy"] <= 100
     assert results["arguments"]["kpd_l1"] == 0.001 and (output / "preprocessor_config.json").is_file()
+    kpd = results["kpd"]  # Zhu et al.'s columns: switched-off blocks, non-zeros the block-sparse layers keep
+    assert 0 <= kpd["block_sparsity"] <= 1 and 0 < kpd["inference_nonzeros"] <= kpd["dense_entries"]
     config = json.loads((output / "config.json").read_text())
     assert {entry["method"] for entry in config["quantization_config"]["modules"].values()} == {"KPD"}
 
@@ -152,6 +202,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch_and_push
         (["--optimizer", "sgd"], "--optimizer must be one of adamw, lamb"),
         (["--kpd_l1", "0.1"], "--kpd_l1 needs KPD layers"),
         (["--resume_from_checkpoint", "latest"], "no checkpoint"),
+        (["--early_stopping_patience", "2"], "--early_stopping_patience needs --eval_steps N > 0"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_training(tmp_path, capsys, extra, message):

@@ -155,6 +155,24 @@ class TrainArguments:
         default=None, metadata={"help": "A checkpoints/step_N folder, or 'latest' in output_dir."}
     )
     logging_steps: int = field(default=10, metadata={"help": "Log loss and learning rate every N steps."})
+    eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate on the validation split every N optimizer steps (0: only the final evaluation). The "
+            "weights of the best validation score are restored before the final evaluation."
+        },
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Stop after N validation evaluations without improvement (0: never; needs --eval_steps)."},
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Text: batches of similar lengths (shuffled within chunks of 50 batches, then the batch order), "
+            "which pads less."
+        },
+    )
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: 'none', 'all', 'tensorboard', ..."})
     num_beams: int = field(default=1, metadata={"help": "Beam size of generation (1 = greedy)."})
     generation_max_length: int | None = field(
@@ -189,8 +207,12 @@ class TrainArguments:
             raise RecipeError("--lr_scheduler inverse_sqrt needs --warmup_steps >= 1")
         if not 0 <= self.label_smoothing < 1:
             raise RecipeError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.kpd_l1 < 0 or self.checkpointing_steps < 0:
-            raise RecipeError("--kpd_l1 and --checkpointing_steps must be >= 0")
+        if self.kpd_l1 < 0 or self.checkpointing_steps < 0 or self.eval_steps < 0 or self.early_stopping_patience < 0:
+            raise RecipeError(
+                "--kpd_l1, --checkpointing_steps, --eval_steps and --early_stopping_patience must be >= 0"
+            )
+        if self.early_stopping_patience and not self.eval_steps:
+            raise RecipeError("--early_stopping_patience needs --eval_steps N > 0 (how often to evaluate)")
 
 
 @dataclass
@@ -226,6 +248,7 @@ TEXT_ONLY = (
     "max_target_length",
     "num_beams",
     "generation_max_length",
+    "group_by_length",
 )
 IMAGE_ONLY = ("image_column", "label_column", "augment")
 

@@ -94,7 +94,7 @@ def image_task(arguments: RecipeArguments, builtin: Callable[[], dict], default_
         logits = model(pixel_values=batch["pixel_values"]).logits
         return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=train_args.label_smoothing)
 
-    def evaluate(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator) -> dict[str, float]:
+    def evaluate(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator, split: str) -> dict[str, float]:
         predictions, labels = [], []
         for batch in batches:
             predicted = model(pixel_values=batch["pixel_values"]).logits.argmax(-1)
@@ -111,6 +111,8 @@ def image_task(arguments: RecipeArguments, builtin: Callable[[], dict], default_
         eval_split=eval_split,
         collate_train=collate_for(train, True),
         collate_eval=collate_for(splits[eval_split], False),
+        validation_data=list(range(len(splits["validation"]))),
+        collate_validation=collate_for(splits["validation"], False),
         loss=loss,
         evaluate=evaluate,
         save_preprocessing=processor.save_pretrained,

@@ -43,7 +43,11 @@ RESULTS = "results.json"
 
 @dataclass
 class Task:
-    """What a recipe contributes to the loop: the model, its data and how to train and evaluate it."""
+    """What a recipe contributes to the loop: the model, its data and how to train and evaluate it.
+
+    ``evaluate(model, batches, accelerator, split)`` scores ``eval_split`` at the end and, with ``--eval_steps``,
+    the validation split during training; the first metric it returns is the one early stopping watches.
+    """
 
     name: str
     model: nn.Module
@@ -53,19 +57,31 @@ class Task:
     collate_train: Callable[[list], dict[str, torch.Tensor]]
     collate_eval: Callable[[list], dict[str, torch.Tensor]]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-    evaluate: Callable[[nn.Module, Iterable[dict[str, torch.Tensor]], Accelerator], dict[str, float]]
+    evaluate: Callable[[nn.Module, Iterable[dict[str, torch.Tensor]], Accelerator, str], dict[str, float]]
     save_preprocessing: Callable[[str], None]
+    validation_data: Sequence
+    collate_validation: Callable[[list], dict[str, torch.Tensor]]
+    train_lengths: Sequence[int] | None = None  # per training example, for --group_by_length
 
 
 class EpochShuffleSampler(Sampler[int]):
     """A permutation per epoch drawn from ``(seed, epoch)`` alone, so a resumed run sees the same order.
 
-    The epoch is set by the loop (``use_epoch``), not through ``set_epoch``, which Accelerate's data loader calls
-    with its own iteration count (0 again in a resumed run).
+    With ``lengths``, the permutation is cut into chunks of 50 batches, each chunk sorted by length and cut into
+    batches, and the full batches are shuffled (the one partial batch stays last): batches of similar lengths,
+    less padding. The epoch is set by the loop (``use_epoch``), not through ``set_epoch``, which Accelerate's
+    data loader calls with its own iteration count (0 again in a resumed run).
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    CHUNK_BATCHES = 50
+
+    def __init__(
+        self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> None:
+        if lengths is not None and (len(lengths) != size or not batch_size):
+            raise ValueError(f"EpochShuffleSampler: need {size} lengths and a batch size, got {len(lengths)}")
         self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -75,7 +91,17 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        chunk = self.batch_size * self.CHUNK_BATCHES
+        batches = []
+        for start in range(0, self.size, chunk):
+            part = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
+            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        partial = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + partial
+        return iter([index for batch in shuffled for index in batch])
 
 
 def make_accelerator(args: TrainArguments) -> Accelerator:
@@ -137,7 +163,8 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
     if kt.applied_config(task.model) is not None:
         accelerator.print(summary)
 
-    sampler = EpochShuffleSampler(len(task.train_data), args.seed)
+    lengths = task.train_lengths if args.group_by_length else None
+    sampler = EpochShuffleSampler(len(task.train_data), args.seed, lengths, args.per_device_train_batch_size)
     train_loader = DataLoader(
         task.train_data,
         batch_size=args.per_device_train_batch_size,
@@ -146,8 +173,13 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
         generator=torch.Generator().manual_seed(args.seed),  # its seed draws must not advance the global generator
     )
     eval_loader = DataLoader(task.eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=task.collate_eval)
+    validation_loader = DataLoader(
+        task.validation_data, batch_size=args.per_device_eval_batch_size, collate_fn=task.collate_validation
+    )
     optimizer = build_optimizer(task.model, args)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(task.model, optimizer, train_loader, eval_loader)
+    model, optimizer, train_loader, eval_loader, validation_loader = accelerator.prepare(
+        task.model, optimizer, train_loader, eval_loader, validation_loader
+    )
     steps_per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, args, total_steps)
@@ -180,8 +212,11 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
     start = time.perf_counter()
     step_losses: list[float] = []
     last_loss = float("nan")
+    watch = EarlyStopping(args.early_stopping_patience)
     model.train()
-    while completed < total_steps and not _stop_for_time(accelerator, start, args.max_train_seconds):
+    while (
+        completed < total_steps and not watch.stop and not _stop_for_time(accelerator, start, args.max_train_seconds)
+    ):
         sampler.use_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in batches:
@@ -213,18 +248,26 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
                     accelerator.print(f"{task.name}: step {completed}/{total_steps}, loss {last_loss:.4f}")
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}")
+            if args.eval_steps and completed % args.eval_steps == 0:
+                scores = _evaluate(task, model, validation_loader, accelerator, "validation")
+                watch.update(completed, scores, unwrapped)
+                model.train()
+                if accelerator.is_main_process:
+                    with log_path.open("a") as handle:
+                        handle.write(json.dumps({"step": completed, **_prefixed("validation", scores)}) + "\n")
+                accelerator.print(f"{task.name}: step {completed}, validation " + _format(scores))
             if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
                 accelerator.save_state(str(output_dir / CHECKPOINTS / f"step_{completed}"))
-            if completed >= total_steps or _stop_for_time(accelerator, start, args.max_train_seconds):
+            if watch.stop or completed >= total_steps or _stop_for_time(accelerator, start, args.max_train_seconds):
                 break
         epoch, skip = epoch + 1, 0
     train_seconds = time.perf_counter() - start
     progress.close()
 
-    model.eval()
-    with torch.no_grad():
-        metrics = task.evaluate(model, eval_loader, accelerator)
-    metrics = {f"{task.eval_split}_{name}": value for name, value in metrics.items()}
+    if args.eval_steps and watch.last_step != completed:  # the last steps were not validated yet
+        watch.update(completed, _evaluate(task, model, validation_loader, accelerator, "validation"), unwrapped)
+    watch.restore_best(unwrapped)
+    metrics = _prefixed(task.eval_split, _evaluate(task, model, eval_loader, accelerator, task.eval_split))
     results = {
         "task": task.name,
         "compression": arguments.preset.name,
@@ -235,6 +278,8 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
         "processes": accelerator.num_processes,
         "train_loss": last_loss,
         "train_seconds": train_seconds,
+        **watch.summary(),
+        **_kpd_summary(unwrapped),
         "arguments": _scalars(arguments.to_flat_dict()),
     }
     accelerator.wait_for_everyone()
@@ -244,9 +289,75 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
         save_outputs(unwrapped, task, arguments, results, full_state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    accelerator.print(f"{task.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    accelerator.print(f"{task.name}: " + _format(metrics))
     accelerator.print(f"results in {output_dir / RESULTS}")
     return results
+
+
+class EarlyStopping:
+    """Tracks the validation score (the first metric ``evaluate`` returns; higher is better), keeps a copy of the
+    best weights, and says stop after ``patience`` evaluations without improvement (0: never)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.stale, self.stop = patience, 0, False
+        self.best_score, self.best_step, self.last_step = -math.inf, None, None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.evaluations = 0
+
+    def update(self, step: int, scores: dict[str, float], model: nn.Module) -> None:
+        score = next(iter(scores.values()))
+        self.evaluations, self.last_step = self.evaluations + 1, step
+        if score > self.best_score:
+            self.best_score, self.best_step, self.best_scores, self.stale = score, step, dict(scores), 0
+            self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            return
+        self.stale += 1
+        self.stop = bool(self.patience) and self.stale >= self.patience
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None and self.best_step != self.last_step:
+            model.load_state_dict(self.best_state)
+
+    def summary(self) -> dict[str, Any]:
+        if self.best_step is None:
+            return {}
+        return {
+            "best_step": self.best_step,
+            "validation": self.best_scores,
+            "validation_evaluations": self.evaluations,
+            "stopped_early": self.stop,
+        }
+
+
+def _kpd_summary(model: nn.Module) -> dict[str, Any]:
+    """KPD models: the share of switched-off blocks (zeros of ``S``, Zhu et al., eq. 4) over all KPD layers and the
+    non-zero weight entries their block-sparse inference layers keep, beside the dense entries; else nothing."""
+    factorizations = kt.kpd.kpd_factorizations(model)
+    if not factorizations:
+        return {}
+    blocks = sum(f.s.numel() for f in factorizations.values())
+    zero_blocks = sum(int((f.s.detach() == 0).sum()) for f in factorizations.values())
+    return {
+        "kpd": {
+            "block_sparsity": zero_blocks / blocks,
+            "inference_nonzeros": sum(layer.inference_nonzeros for layer in kt.kpd.layer_report(model)),
+            "dense_entries": sum(f.materialize().numel() for f in factorizations.values()),
+        }
+    }
+
+
+def _evaluate(task: Task, model: nn.Module, loader: DataLoader, accelerator: Accelerator, split: str) -> dict:
+    model.eval()
+    with torch.no_grad():
+        return task.evaluate(model, loader, accelerator, split)
+
+
+def _prefixed(split: str, scores: dict[str, float]) -> dict[str, float]:
+    return {f"{split}_{name}": value for name, value in scores.items()}
+
+
+def _format(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
 
 
 def _leave_out_tied_copies(accelerator: Accelerator) -> Callable[[list, list, str], None]:

@@ -112,7 +112,7 @@ def seq2seq_task(
         targets = _encode(tokenizer, [t for _, t in pairs], data_args.max_target_length)
         return list(zip(sources, targets, range(len(pairs))))
 
-    references = [target for _, target in splits[eval_split]]
+    references = {split: [target for _, target in splits[split]] for split in ("validation", eval_split)}
 
     def collate(items: list) -> dict[str, torch.Tensor]:
         batch = tokenizer.pad({"input_ids": [source for source, _, _ in items]}, return_tensors="pt")
@@ -131,7 +131,7 @@ def seq2seq_task(
             label_smoothing=train_args.label_smoothing,
         )
 
-    def evaluate(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator) -> dict[str, float]:
+    def evaluate(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator, split: str) -> dict[str, float]:
         generator = accelerator.unwrap_model(model)
         max_new_tokens = train_args.generation_max_length or data_args.max_target_length
         predictions, indices = [], []
@@ -146,13 +146,17 @@ def seq2seq_task(
             generated, index = accelerator.gather_for_metrics((generated, batch["example_index"]))
             predictions += tokenizer.batch_decode(generated, skip_special_tokens=True)
             indices += index.tolist()
-        return metric([p.strip() for p in predictions], [references[i] for i in indices])
+        return metric([p.strip() for p in predictions], [references[split][i] for i in indices])
 
+    train_data = encode(splits["train"])
     return Task(
         name=name,
         model=model,
-        train_data=encode(splits["train"]),
+        train_data=train_data,
+        train_lengths=[len(source) + len(target) for source, target, _ in train_data],
         eval_data=encode(splits[eval_split]),
+        validation_data=encode(splits["validation"]),
+        collate_validation=collate,
         eval_split=eval_split,
         collate_train=collate,
         collate_eval=collate,

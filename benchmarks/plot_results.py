@@ -1,0 +1,111 @@
+"""Plots of ``benchmarks/quality.py``'s runs, from their files alone (``quality_rows.json``, ``train_log.jsonl``).
+
+    python benchmarks/plot_results.py outputs/quality [--plots-dir benchmarks/plots]
+
+Writes ``quality_vs_parameters.png`` (one panel per task: the test metric against parameters, log x, one marker
+per method) and ``training_curves.png`` (one panel per task: the validation metric against optimizer steps, one
+line per run, the restored best step marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+TASK_TITLES = {
+    "translation": "Multi30k De-En (test BLEU)",
+    "summarization": "AESLC (test ROUGE-L)",
+    "cifar10": "CIFAR-10 (test accuracy %)",
+}
+MAIN_METRIC = {"translation": "test_bleu", "summarization": "test_rougeL", "cifar10": "test_accuracy"}
+MARKERS = {"dense": "o", "dense (narrow)": "s", "Shapeshifter": "^", "word2ketXS": "^", "KPD": "^", "LowRank": "v"}
+
+
+def validation_curve(folder: Path) -> tuple[str, list[int], list[float]]:
+    """The first validation metric's name, and its steps and values over a run's ``train_log.jsonl``."""
+    name, steps, scores = "", [], []
+    log = folder / "train_log.jsonl"
+    if not log.is_file():
+        return name, steps, scores
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        metric = next((key for key in record if key.startswith("validation_")), None)
+        if metric is not None:
+            name = metric
+            steps.append(record["step"])
+            scores.append(record[metric])
+    return name, steps, scores
+
+
+def plot_quality(rows: list[dict], path: Path) -> None:
+    tasks = [task for task in TASK_TITLES if any(row["task"] == task for row in rows)]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for row in (row for row in rows if row["task"] == task):
+            axis.scatter(
+                row["parameters"],
+                row["metrics"][MAIN_METRIC[task]],
+                marker=MARKERS.get(row["method"], "x"),
+                s=70,
+                label=f"{row['method']} ({row['fewer_than_dense']:.1f}x fewer)",
+            )
+        axis.set_xscale("log")
+        axis.set_xlabel("parameters")
+        axis.set_title(TASK_TITLES[task])
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    tasks = [task for task in TASK_TITLES if any(row["task"] == task for row in rows)]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for row in (row for row in rows if row["task"] == task):
+            metric, steps, scores = validation_curve(Path(row["folder"]))
+            if not steps:
+                continue
+            axis.set_ylabel(metric.replace("_", " "))
+            (line,) = axis.plot(steps, scores, marker=".", label=row["method"])
+            if row.get("best_step") in steps:
+                best = steps.index(row["best_step"])
+                axis.scatter([steps[best]], [scores[best]], color=line.get_color(), s=80, facecolors="none")
+        axis.set_xlabel("optimizer steps")
+        axis.set_title(TASK_TITLES[task].split(" (")[0])
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="the --output-dir of benchmarks/quality.py")
+    parser.add_argument("--plots-dir", default=str(Path(__file__).parent / "plots"), help="where the PNGs go")
+    args = parser.parse_args(argv)
+    rows_path = Path(args.output_dir) / "quality_rows.json"
+    if not rows_path.is_file():
+        parser.error(f"{rows_path}: not found (run benchmarks/quality.py --output-dir {args.output_dir} first)")
+    rows = json.loads(rows_path.read_text())
+    plots = Path(args.plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_quality(rows, plots / "quality_vs_parameters.png")
+    plot_curves(rows, plots / "training_curves.png")
+    print(f"wrote {plots / 'quality_vs_parameters.png'} and {plots / 'training_curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

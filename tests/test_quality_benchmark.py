@@ -1,0 +1,105 @@
+"""benchmarks/quality.py as a smoke run on generated data in the shared data layout, and its plots.
+
+The real runs (Multi30k, AESLC, CIFAR-10 from the project's data folder) take hours; here every task runs its
+dense model and one compressed model for two steps on a few generated examples, twice (the second run resumes:
+nothing is trained again), then ``plot_results.py`` draws both figures from the files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+WORDS = "ein mann frau hund läuft spielt auf gras ball rot blau kind sitzt".split()
+ENGLISH = "a man woman dog runs plays on grass ball red blue child sits".split()
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def fake_data(root: Path) -> Path:
+    rng = random.Random(0)
+    multi30k = root / "multi30k"
+    multi30k.mkdir(parents=True)
+    for split, size in (("train", 40), ("val", 8), ("test_2016_flickr", 8)):
+        picks = [[rng.randrange(len(WORDS)) for _ in range(rng.randint(3, 8))] for _ in range(size)]
+        write_lines(multi30k / f"{split}.de.gz", [" ".join(WORDS[i] for i in pick) for pick in picks])
+        write_lines(multi30k / f"{split}.en.gz", [" ".join(ENGLISH[i] for i in pick) for pick in picks])
+    aeslc = root / "aeslc"
+    aeslc.mkdir()
+    for split, size in (("train", 40), ("dev", 8), ("test", 8)):
+        rows = []
+        for _ in range(size):
+            subject = " ".join(rng.choice(ENGLISH) for _ in range(3))
+            rows.append(
+                json.dumps({"document": f"{subject}. " + " ".join(rng.choices(ENGLISH, k=20)), "subject": subject})
+            )
+        write_lines(aeslc / f"{split}.jsonl.gz", rows)
+    cifar = root / "cifar10"
+    cifar.mkdir()
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, size=(200, 32, 32, 3), dtype=np.uint8)
+    np.savez(
+        cifar / "test_images.npz",
+        images=images,
+        labels=np.repeat(np.arange(10), 20),
+        classes=np.arange(10).astype(str),
+    )
+    return root
+
+
+def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
+    data, output = fake_data(tmp_path / "data"), tmp_path / "quality"
+    quality = load("quality")
+    arguments = [str(data), "--output-dir", str(output), "--max-steps", "2", "--runs", "dense", "shapeshifter"]
+    arguments += ["word2ketxs", "kpd"]
+    assert quality.main(arguments) == 0
+    first = capsys.readouterr().out
+    assert first.count(": done in") == 6
+    rows = json.loads((output / "quality_rows.json").read_text())
+    assert [(row["task"], row["run"]) for row in rows] == [
+        ("translation", "dense"), ("translation", "shapeshifter"), ("summarization", "dense"),
+        ("summarization", "word2ketxs"), ("cifar10", "dense"), ("cifar10", "kpd"),
+    ]  # fmt: skip
+    by_run = {(row["task"], row["run"]): row for row in rows}
+    assert by_run["translation", "shapeshifter"]["fewer_than_dense"] > 5
+    assert set(by_run["summarization", "dense"]["metrics"]) == {"test_rouge1", "test_rouge2", "test_rougeL"}
+    assert by_run["cifar10", "kpd"]["kpd"]["inference_nonzeros"] > 0
+    for row in rows:
+        assert row["steps"] == 2 and row["best_step"] == 2 and row["validation"], row
+        assert (Path(row["folder"]) / "train_log.jsonl").is_file()
+    table = (output / "quality_table.md").read_text()
+    assert "| Shapeshifter (embedding rank 32, attention/FFN rank 16) |" in table and "Zhu et al., Table 3" in table
+
+    assert quality.main(arguments) == 0  # resumed: every run has its results.json, nothing is trained
+    assert ": done in" not in capsys.readouterr().out
+
+    plots = tmp_path / "plots"
+    assert load("plot_results").main([str(output), "--plots-dir", str(plots)]) == 0
+    for name in ("quality_vs_parameters.png", "training_curves.png"):
+        assert (plots / name).stat().st_size > 10_000
+
+
+def test_plot_results_names_the_missing_rows(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load("plot_results").main([str(tmp_path)])
+    assert "quality_rows.json: not found (run benchmarks/quality.py" in capsys.readouterr().err
