@@ -77,8 +77,8 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     assert first.count(": done in") == 6
     rows = json.loads((output / "quality_rows.json").read_text())
     assert [(row["task"], row["run"]) for row in rows] == [
-        ("translation", "dense"), ("translation", "shapeshifter"), ("summarization", "dense"),
-        ("summarization", "word2ketxs"), ("cifar10", "dense"), ("cifar10", "kpd"),
+        ("translation", "dense"), ("translation", "shapeshifter"), ("cifar10", "dense"), ("cifar10", "kpd"),
+        ("summarization", "dense"), ("summarization", "word2ketxs"),
     ]  # fmt: skip
     by_run = {(row["task"], row["run"]): row for row in rows}
     assert by_run["translation", "shapeshifter"]["fewer_than_dense"] > 5
