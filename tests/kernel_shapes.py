@@ -102,3 +102,33 @@ def large_layer_shapes() -> list[KronShape]:
         for spec in (kt.Shapeshifter(rank=16), kt.KPD(rank=4, block_size=[4, 4])):
             shapes.append(_resolved(f"{spec.method} {rows}x{cols}", spec, rows, cols, LINEAR))
     return shapes
+
+
+TT_RANKS = (8, 16, 32, 64)
+LARGE_VOCABULARIES = {"bert-base": (30522, 768), "llama-7b": (32000, 4096)}
+
+
+class TTShape(NamedTuple):
+    label: str
+    cores: tuple[tuple[int, int, int, int], ...]  # (R_{k-1}, m_k, n_k, R_k) per core
+
+
+def tt_embedding_shapes(ranks: tuple[int, ...] = TT_RANKS, num_cores: tuple[int, ...] = (3, 4)) -> list[TTShape]:
+    """TT-Rec cores (``kt.TensorTrain`` resolved on the table) for the embedding of every preset's model and the
+    BERT-base / Llama-7B vocabularies, at each TT rank and number of cores."""
+    tables: dict[tuple[int, int], str] = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        defaults = yaml.safe_load(path.read_text()).get("defaults") or {}
+        for rows, cols in _model_weights(defaults, path.stem)["embedding"]:
+            tables.setdefault((rows, cols), path.stem)
+    tables.update({size: name for name, size in LARGE_VOCABULARIES.items()})
+    shapes = []
+    for (rows, cols), name in tables.items():
+        for cores in num_cores:
+            for rank in ranks:
+                spec = kt.TensorTrain(tt_ranks=rank, num_cores=cores)
+                structure = spec.resolve(rows, cols, EMBEDDING, name)
+                bonds = [1, *structure["tt_ranks"], 1]
+                core_shapes = tuple((bonds[k], m, n, bonds[k + 1]) for k, (m, n) in enumerate(structure["tt_shapes"]))
+                shapes.append(TTShape(f"{name} embedding {rows}x{cols} d={cores} rank {rank}", core_shapes))
+    return shapes

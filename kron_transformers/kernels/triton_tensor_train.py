@@ -13,6 +13,10 @@ Forward. The row index splits as ``p = h * n_d + c`` with ``h`` the head digits 
 One program builds a ``(BLOCK_H, n_d)`` tile of a row in registers: the chain of small per-index
 products ``s(h) = G_1[0, i_1, j_1(h), :] G_2[:, i_2, j_2(h), :] ...`` (a ``(BLOCK_H, R)`` state, one
 row-vector-times-matrix per head core), then ``tile = s G_d[:, i_d, :, 0]`` as one matrix product.
+Up to rank 32 a chain step is one ``(BLOCK_H, R, R)`` broadcast product; from rank 64 (whose
+``(BLOCK_H, 64, 64)`` tile would spill) it is ``n_k`` matrix products
+``sum_j [j_k(h) = j] s(h) G_k[:, i_k, j, :]`` of ``(BLOCK_H, R) x (R, R)`` tiles, ``n_k`` times the
+multiply-adds in exchange for registers that stay within budget.
 The bag kernel loops over its ids and pools the weighted tiles in fp32 before the single store,
 so neither the rows nor the ``T_k`` intermediates of FBTT's batched GEMMs touch global memory.
 
@@ -47,7 +51,9 @@ from .triton_segment import reduce_by_digit, segment_sum, unique_slots
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CORES = 6
-MAX_RANK = 32  # the (BLOCK_H, R, R) register tiles of wider ranks would spill
+MAX_RANK = 64
+# Rank block from which a chain step is n_k (BLOCK_H, R) x (R, R) products instead of one (BLOCK_H, R, R) tile.
+_DOT_CHAIN_RANK = tl.constexpr(64)
 MAX_CORE_COLS = 1024
 BAG_MODES = ("sum", "mean")
 _PERSISTENT_PROGRAMS = 1024
@@ -72,11 +78,63 @@ def _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, K: tl.con
 
 
 @triton.jit
-def _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, UPTO: tl.constexpr):
+def _core_matrix(row_id, j, ranks, cores_ptr, meta_ptr, K: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``(BLOCK_R, BLOCK_R)`` tile of ``G_K[a, i_K, j, b]`` (indexed ``[a, b]``, or ``[b, a]`` when transposed)."""
+    offset = tl.load(meta_ptr + K * 8 + 0)
+    rank_in = tl.load(meta_ptr + K * 8 + 1).to(tl.int32)  # int32 offsets within a core: half the registers
+    rows = tl.load(meta_ptr + K * 8 + 2)
+    width = tl.load(meta_ptr + K * 8 + 3).to(tl.int32)
+    rank_out = tl.load(meta_ptr + K * 8 + 4).to(tl.int32)
+    digit = ((row_id // tl.load(meta_ptr + K * 8 + 5)) % rows).to(tl.int32)
+    rows = rows.to(tl.int32)
+    if TRANSPOSED:
+        r_in, r_out = ranks[None, :], ranks[:, None]
+    else:
+        r_in, r_out = ranks[:, None], ranks[None, :]
+    pointers = cores_ptr + offset + ((r_in * rows + digit) * width + j) * rank_out + r_out
+    return tl.load(pointers, mask=(r_in < rank_in) & (r_out < rank_out), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chain_step(
+    state, row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, K: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``s(h) G_K[:, i_K, j_K(h), :]`` of a ``(BLOCK_H, BLOCK_R)`` state, or ``g(h) G_K[:, i_K, j_K(h), :]^T`` when
+    ``BACKWARD`` (the gradient of the state before core ``K`` from the one after it)."""
+    if BLOCK_R >= _DOT_CHAIN_RANK:
+        width = tl.load(meta_ptr + K * 8 + 3)
+        col = (heads // tl.load(meta_ptr + K * 8 + 6)) % width
+        result = tl.zeros_like(state)
+        for j in range(width):
+            selected = tl.where((col == j)[:, None], state, 0.0)
+            matrix = _core_matrix(row_id, j, ranks, cores_ptr, meta_ptr, K, BACKWARD)
+            result += tl.dot(selected, matrix, input_precision=PRECISION)
+    else:
+        slices = _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, K)
+        if BACKWARD:
+            result = tl.sum(slices * state[:, None, :], axis=2)
+        else:
+            result = tl.sum(state[:, :, None] * slices, axis=1)
+    return result
+
+
+@triton.jit
+def _head_state(
+    row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, UPTO: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
     """``(BLOCK_H, BLOCK_R)`` state ``s(h) = G_1[0, i_1, j_1(h), :] ... G_UPTO[:, i_UPTO, j_UPTO(h), :]``."""
-    state = tl.sum(_core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, 0), axis=1)
+    offset = tl.load(meta_ptr + 0)
+    rows = tl.load(meta_ptr + 2)
+    width = tl.load(meta_ptr + 3)
+    rank_out = tl.load(meta_ptr + 4)
+    digit = (row_id // tl.load(meta_ptr + 5)) % rows
+    col = (heads // tl.load(meta_ptr + 6)) % width
+    pointers = cores_ptr + offset + (digit * width + col[:, None]) * rank_out + ranks[None, :]
+    state = tl.load(pointers, mask=head_mask[:, None] & (ranks < rank_out)[None, :], other=0.0).to(tl.float32)
     for k in tl.static_range(1, UPTO):
-        state = tl.sum(state[:, :, None] * _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k), 1)
+        state = _chain_step(state, row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k, False, BLOCK_R, PRECISION)
     return state
 
 
@@ -110,6 +168,7 @@ def _tt_forward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Output row (a gathered row, or a bag pooled over ``[bounds[row], bounds[row + 1])``), one head block."""
     row = tl.program_id(0).to(tl.int64)
@@ -126,8 +185,10 @@ def _tt_forward_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_B], dtype=tl.float32)
     for position in range(start, end):
         row_id = tl.load(ids_ptr + position).to(tl.int64)
-        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1)
-        tile = tl.dot(state, _last_core(row_id, ranks, last_cols, cores_ptr, meta_ptr, ORDER), input_precision="ieee")
+        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1, BLOCK_R, PRECISION)
+        tile = tl.dot(
+            state, _last_core(row_id, ranks, last_cols, cores_ptr, meta_ptr, ORDER), input_precision=PRECISION
+        )
         if HAS_WEIGHTS:
             tile *= tl.load(weights_ptr + position).to(tl.float32)
         acc += tile
@@ -156,6 +217,7 @@ def _tt_backward_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Per unique id and head block: ``contrib[slot, block]`` = gradient w.r.t. each core's slice ``G_k[:, i_k]``."""
     total_work = tl.load(num_unique_ptr) * head_blocks
@@ -172,19 +234,20 @@ def _tt_backward_kernel(
         grad = tl.load(grad_ptr + slot * cols + out_cols, mask=grad_mask, other=0.0)
         base = contrib_ptr + work * contrib_width
         last = _last_core(row_id, ranks, last_cols, cores_ptr, meta_ptr, ORDER)
-        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1)
-        last_grad = tl.dot(tl.trans(state), grad, input_precision="ieee")
+        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1, BLOCK_R, PRECISION)
+        last_grad = tl.dot(tl.trans(state), grad, input_precision=PRECISION)
         last_rank = tl.load(meta_ptr + (ORDER - 1) * 8 + 1)
         last_pointers = (
             base + tl.load(meta_ptr + (ORDER - 1) * 8 + 7) + ranks[:, None] * last_width + last_cols[None, :]
         )
         tl.store(last_pointers, last_grad, mask=(ranks < last_rank)[:, None] & (last_cols < last_width)[None, :])
-        state_grad = tl.dot(grad, tl.trans(last), input_precision="ieee")
+        state_grad = tl.dot(grad, tl.trans(last), input_precision=PRECISION)
         for k in tl.static_range(ORDER - 1):
             core_grad = state_grad
             for later in tl.static_range(ORDER - 2, k, -1):
-                slices = _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, later)
-                core_grad = tl.sum(slices * core_grad[:, None, :], axis=2)
+                core_grad = _chain_step(
+                    core_grad, row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, later, True, BLOCK_R, PRECISION
+                )
             rank_in = tl.load(meta_ptr + k * 8 + 1)
             width = tl.load(meta_ptr + k * 8 + 3)
             rank_out = tl.load(meta_ptr + k * 8 + 4)
@@ -192,16 +255,17 @@ def _tt_backward_kernel(
             core_base = base + tl.load(meta_ptr + k * 8 + 7)
             if k == 0:
                 one_hot = tl.where(head_mask[:, None] & (col[:, None] == head_cols[None, :]), 1.0, 0.0)
-                first_grad = tl.dot(tl.trans(one_hot), core_grad, input_precision="ieee")
+                first_grad = tl.dot(tl.trans(one_hot), core_grad, input_precision=PRECISION)
                 first_pointers = core_base + head_cols[:, None] * rank_out + ranks[None, :]
                 tl.store(first_pointers, first_grad, mask=(head_cols < width)[:, None] & (ranks < rank_out)[None, :])
             else:
-                previous = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k)
+                previous = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k, BLOCK_R, PRECISION)
                 store_mask = (ranks < rank_in)[:, None] & (ranks < rank_out)[None, :]
-                for j in range(width):
+                width_32, rank_out_32 = width.to(tl.int32), rank_out.to(tl.int32)
+                for j in range(width_32):
                     selected = tl.where(head_mask[:, None] & (col == j)[:, None], previous, 0.0)
-                    slice_grad = tl.dot(tl.trans(selected), core_grad, input_precision="ieee")
-                    slice_pointers = core_base + (ranks[:, None] * width + j) * rank_out + ranks[None, :]
+                    slice_grad = tl.dot(tl.trans(selected), core_grad, input_precision=PRECISION)
+                    slice_pointers = core_base + (ranks[:, None] * width_32 + j) * rank_out_32 + ranks[None, :]
                     tl.store(slice_pointers, slice_grad, mask=store_mask)
 
 
@@ -263,7 +327,7 @@ def _check_bag(
 def tt_gather_rows_covers(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> bool:
     """Whether :func:`tt_gather_rows_triton` takes these arguments.
 
-    Integer ids; 2..6 cores ``(R_{k-1}, m_k, n_k, R_k)`` with ``R_0 = R_d = 1``, ranks <= 32,
+    Integer ids; 2..6 cores ``(R_{k-1}, m_k, n_k, R_k)`` with ``R_0 = R_d = 1``, ranks <= 64,
     ``n_k <= 1024``, one dtype among fp32/fp16/bf16, on the ids' device; ``0 < cols <= prod n_k``.
     """
     return _check(ids, cores, cols) is None
@@ -290,18 +354,29 @@ def _blocks(cores: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
     head_size = math.prod(core.shape[2] for core in cores[:-1])
     block_r = max(16, triton.next_power_of_2(max(core.shape[3] for core in cores[:-1])))
     block_b = max(16, triton.next_power_of_2(cores[-1].shape[2]))
-    tile_budget = _MAX_TILE_ELEMENTS // max(block_r**2, block_b)
+    largest_row = 4 * block_r if block_r >= _DOT_CHAIN_RANK.value else block_r**2
+    tile_budget = _MAX_TILE_ELEMENTS // max(largest_row, block_b)
     block_h = max(16, min(triton.next_power_of_2(head_size), tile_budget))
     block_n = max(16, triton.next_power_of_2(cores[0].shape[2]))
     return head_size, block_h, block_r, block_b, block_n
 
 
-def _num_warps(block_r: int) -> int:
-    """Warps per program: eight share the ``(BLOCK_H, R, R)`` tiles at rank 32, four below.
+def _launch_options(block_r: int) -> dict[str, int]:
+    """Warps (and pipelining stages) per program: eight share the ``(BLOCK_H, R, R)`` tiles at rank 32 and the
+    ``(64, 64)`` core slices at rank 64, four below; at rank 64 the loop over a core's columns is not pipelined.
 
-    At rank 32 on sm_90 ptxas spills 0-24 bytes per thread with eight warps, up to 864 with four.
+    On sm_90 ptxas spills 0-24 bytes per thread at rank 32 with four warps (up to 864), and at rank 64 spills
+    with two or three pipelining stages in the backward of four or more cores.
     """
-    return 8 if block_r >= 32 else 4
+    if block_r >= _DOT_CHAIN_RANK.value:
+        return {"num_warps": 8, "num_stages": 1}
+    return {"num_warps": 8 if block_r >= 32 else 4}
+
+
+def _precision(block_r: int) -> str:
+    """Products in fp32 FMA (``ieee``) up to rank 32; from rank 64 on tensor cores as ``tf32x3`` (three TF32
+    products, about fp32 accuracy), whose register tiles fit where the ``ieee`` ones with a 64-long reduction spill."""
+    return "tf32x3" if block_r >= _DOT_CHAIN_RANK.value else "ieee"
 
 
 def _metadata(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -353,7 +428,8 @@ def _forward(
         BLOCK_H=block_h,
         BLOCK_R=block_r,
         BLOCK_B=block_b,
-        num_warps=_num_warps(block_r),
+        PRECISION=_precision(block_r),
+        **_launch_options(block_r),
     )
     return out
 
@@ -394,7 +470,8 @@ def _backward(
         BLOCK_R=block_r,
         BLOCK_B=block_b,
         BLOCK_N=block_n,
-        num_warps=_num_warps(block_r),
+        PRECISION=_precision(block_r),
+        **_launch_options(block_r),
     )
     contrib = contrib[:, 0] if head_blocks == 1 else contrib.sum(1)
     digits = mixed_radix_digits(slots.slot_ids, tuple(core.shape[1] for core in cores))
