@@ -211,7 +211,7 @@ def _compile_and_check_tt(cases: dict[tuple, list[str]]) -> None:
 
 def test_tt_kernels_compile_without_spills_at_every_rank():
     """TT forward and backward for T5-small's 32100x512 embedding (three cores) at TT ranks 8, 16, 32 and 64
-    (rank blocks 16, 32, 64: the broadcast chain and, at 64, the matrix-product chain), fp32 and bf16."""
+    (rank blocks 16, 32, 64: the broadcast chain, then the matrix-product chain), fp32 and bf16."""
     shapes = [shape for shape in tt_embedding_shapes(num_cores=(3,)) if shape.label.startswith("t5_small")]
     assert {shape.cores[1][0] for shape in shapes} == {8, 16, 32, 64}
     _compile_and_check_tt(tt_compile_cases(shapes, (torch.float32, torch.bfloat16)))
@@ -225,7 +225,7 @@ def test_tt_kernels_compile_without_spills_at_every_preset_shape():
 
 
 def test_tt_kernels_cover_every_preset_embedding_at_rank_64():
-    from kron_transformers.kernels.triton_tensor_train import tt_embedding_bag_covers, tt_gather_rows_covers
+    from kron_transformers.kernels.coverage import tt_embedding_bag_covers, tt_gather_rows_covers
 
     for shape in tt_embedding_shapes():
         cores = [torch.empty(core, device="meta") for core in shape.cores]

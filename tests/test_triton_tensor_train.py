@@ -12,12 +12,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from kron_transformers.kernels import triton_tensor_train  # noqa: E402
-from kron_transformers.kernels.triton_tensor_train import (  # noqa: E402
-    tt_embedding_bag_covers,
-    tt_embedding_bag_triton,
-    tt_gather_rows_covers,
-    tt_gather_rows_triton,
-)
+from kron_transformers.kernels.coverage import tt_embedding_bag_covers, tt_gather_rows_covers  # noqa: E402
+from kron_transformers.kernels.triton_tensor_train import tt_embedding_bag_triton, tt_gather_rows_triton  # noqa: E402
 
 
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -2,8 +2,8 @@
 
 Program ``(rows, block row i, column tile)`` loops only over the stored blocks of block row ``i``
 (``crow_indices[i] .. crow_indices[i + 1]``), so the cost is ``N * nnz * m2 * n2`` multiply-adds; block rows
-without stored blocks write zeros. Inference only (no autograd): the dispatcher routes calls that need a
-gradient to the PyTorch reference.
+without stored blocks write zeros. Forward only: the ``kron_transformers::block_sparse_matmul`` custom op
+(``library_ops``) differentiates it by the PyTorch reference's block products.
 """
 
 from __future__ import annotations
