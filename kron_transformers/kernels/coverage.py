@@ -37,9 +37,9 @@ def kron_gather_rows_problem(ids: torch.Tensor, factors: Sequence[torch.Tensor],
         return f"factors must share one dtype among {SUPPORTED_DTYPES}, got {[f.dtype for f in factors]}"
     if len({f.device for f in factors} | {ids.device}) != 1:
         return "ids and factors must be on one device"
-    if min(min(f.shape[1:]) for f in factors) < 1 or max(f.shape[2] for f in factors) > MAX_FACTOR_COLS:
+    if min([min(f.shape[1:]) for f in factors]) < 1 or max([f.shape[2] for f in factors]) > MAX_FACTOR_COLS:
         return f"factor sizes must be in 1..{MAX_FACTOR_COLS} columns with at least one row, got shapes {shapes}"
-    if not isinstance(cols, int) or not 0 < cols <= math.prod(f.shape[2] for f in factors):
+    if not isinstance(cols, int) or not 0 < cols <= math.prod([f.shape[2] for f in factors]):
         return f"cols must be in 1..prod(b_j) for factor shapes {shapes}, got {cols}"
     return None
 
@@ -65,15 +65,15 @@ def tt_rows_problem(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int)
     links = [1] + [core.shape[3] for core in cores[:-1]]
     if [core.shape[0] for core in cores] != links or cores[-1].shape[3] != 1:
         return f"core ranks must chain with R_0 = R_d = 1, got shapes {shapes}"
-    if max(links) > MAX_RANK or min(min(core.shape) for core in cores) < 1:
+    if max(links) > MAX_RANK or min([min(core.shape) for core in cores]) < 1:
         return f"TT ranks must be in 1..{MAX_RANK} and every size positive, got shapes {shapes}"
-    if max(core.shape[2] for core in cores) > MAX_CORE_COLS:
+    if max([core.shape[2] for core in cores]) > MAX_CORE_COLS:
         return f"core column sizes n_k must be <= {MAX_CORE_COLS}, got shapes {shapes}"
     if len({core.dtype for core in cores}) != 1 or cores[0].dtype not in SUPPORTED_DTYPES:
         return f"cores must share one dtype among {SUPPORTED_DTYPES}, got {[core.dtype for core in cores]}"
     if len({core.device for core in cores} | {ids.device}) != 1:
         return "ids and cores must be on one device"
-    if not isinstance(cols, int) or not 0 < cols <= math.prod(core.shape[2] for core in cores):
+    if not isinstance(cols, int) or not 0 < cols <= math.prod([core.shape[2] for core in cores]):
         return f"cols must be in 1..prod(n_k) for core shapes {shapes}, got {cols}"
     return None
 

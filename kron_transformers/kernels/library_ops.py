@@ -180,7 +180,8 @@ def kron_gather_rows_backward_op(
     from .triton_gather import gather_backward
 
     flat_ids = _flat_ids(ids)
-    return gather_backward(flat_ids, grad.reshape(len(flat_ids), grad.shape[-1]).contiguous(), factors)
+    grads = gather_backward(flat_ids, grad.reshape(len(flat_ids), grad.shape[-1]).contiguous(), factors)
+    return [factor_grad.contiguous() for factor_grad in grads]
 
 
 @kron_gather_rows_backward_op.register_fake
@@ -220,7 +221,8 @@ def tt_gather_rows_backward_op(ids: torch.Tensor, grad: torch.Tensor, cores: lis
     from .triton_tensor_train import tt_backward
 
     flat_ids = _flat_ids(ids)
-    return tt_backward(flat_ids, grad.reshape(len(flat_ids), grad.shape[-1]).contiguous(), cores)
+    grads = tt_backward(flat_ids, grad.reshape(len(flat_ids), grad.shape[-1]).contiguous(), cores)
+    return [core_grad.contiguous() for core_grad in grads]
 
 
 @tt_gather_rows_backward_op.register_fake
@@ -260,7 +262,7 @@ def tt_embedding_bag_backward_op(
     """Every core's gradient from the bags' gradient ``grad (len(bounds) - 1, cols)``."""
     from .triton_tensor_train import tt_bag_backward
 
-    return tt_bag_backward(ids, bounds, weights, grad, cores, mean)
+    return [core_grad.contiguous() for core_grad in tt_bag_backward(ids, bounds, weights, grad, cores, mean)]
 
 
 @tt_embedding_bag_backward_op.register_fake
