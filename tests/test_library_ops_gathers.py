@@ -2,7 +2,8 @@
 schema, fake tensors and autograd (``opcheck``), and ``torch.compile(fullgraph=True)`` tracing the ops where the
 kernels apply, with forward and gradients equal to the PyTorch path.
 
-On CPU the ops run their Triton kernels under ``TRITON_INTERPRET=1`` (tests/conftest.py).
+On CPU the ops run their Triton kernels under ``TRITON_INTERPRET=1`` (tests/conftest.py); on a GPU machine
+(``benchmarks/gpu_check.sh``) the same tests run on CUDA.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from kron_transformers.kernels import dispatch  # noqa: E402
 
 
 OPS = torch.ops.kron_transformers
-IDS = torch.tensor([[3, 17, 3], [59, 0, 8]])
-OFFSETS = torch.tensor([0, 2, 2, 5])  # an empty bag; the last runs to the end
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IDS = torch.tensor([[3, 17, 3], [59, 0, 8]], device=DEVICE)
+OFFSETS = torch.tensor([0, 2, 2, 5], device=DEVICE)  # an empty bag; the last runs to the end
 
 
 def random(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def tt_cores(ranks=(1, 3, 2, 1), shapes=((3, 2), (4, 3), (5, 2))):
@@ -44,7 +46,7 @@ def test_opcheck_gather_ops():
 @pytest.mark.parametrize("weighted, mean", [(True, False), (False, True)])
 def test_opcheck_tt_embedding_bag_ops(weighted, mean):
     ids = IDS.reshape(-1)
-    bounds = torch.cat([OFFSETS, torch.tensor([len(ids)])])
+    bounds = torch.cat([OFFSETS, torch.tensor([len(ids)], device=DEVICE)])
     weights = random(len(ids), seed=3) if weighted else None
     cores = tt_cores()
     torch.library.opcheck(OPS.tt_embedding_bag.default, (ids, bounds, weights, cores, 11, mean))
@@ -54,12 +56,13 @@ def test_opcheck_tt_embedding_bag_ops(weighted, mean):
 
 def test_opcheck_block_sparse_matmul():
     values = random(3, 2, 4, seed=5)
-    crow_indices, col_indices = torch.tensor([0, 1, 1, 3]), torch.tensor([0, 0, 1])
+    crow_indices, col_indices = torch.tensor([0, 1, 1, 3], device=DEVICE), torch.tensor([0, 0, 1], device=DEVICE)
     torch.library.opcheck(OPS.block_sparse_matmul.default, (random(2, 3, 8), values, crow_indices, col_indices, 6))
 
 
 def block_sparse_layer():
-    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]).repeat_interleave(2, 0).repeat_interleave(4, 1)
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], device=DEVICE).repeat_interleave(2, 0)
+    mask = mask.repeat_interleave(4, 1)
     return BlockSparseLinear.from_dense(random(6, 8) * mask, (2, 4), random(6))
 
 
@@ -72,7 +75,7 @@ CASES = {
     "tt_rows": (lambda: TTEmbedding(60, 10, num_cores=3, tt_ranks=3, init="glorot"), (IDS,), "tt_gather_rows"),
     "tt_bag_weighted": (
         lambda: TTEmbeddingBag(60, 10, tt_ranks=3, mode="sum", init="glorot"),
-        (IDS.reshape(-1), OFFSETS, torch.rand(6, generator=torch.Generator().manual_seed(6))),
+        (IDS.reshape(-1), OFFSETS, torch.rand(6, generator=torch.Generator().manual_seed(6)).to(DEVICE)),
         "tt_embedding_bag",
     ),
     "tt_bag_mean": (
@@ -87,7 +90,7 @@ CASES = {
 def outputs_and_grads(module, output, inputs):
     """The output and the gradients of a weighted square loss w.r.t. the float inputs and the parameters."""
     leaves = [t for t in inputs if t.is_floating_point()] + list(module.parameters())
-    loss = (output * torch.linspace(-1, 1, output.shape[-1])).square().sum()
+    loss = (output * torch.linspace(-1, 1, output.shape[-1], device=output.device)).square().sum()
     return [output, *torch.autograd.grad(loss, leaves)]
 
 
@@ -97,7 +100,7 @@ def test_compiled_modules_call_the_custom_ops(name, monkeypatch):
     output and gradients equal the eager PyTorch path."""
     make_module, inputs, op = CASES[name]
     torch.manual_seed(0)
-    module = make_module()
+    module = make_module().to(DEVICE)
     inputs = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
     monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
     expected = outputs_and_grads(module, module(*inputs), inputs)
@@ -112,7 +115,7 @@ def test_aot_autograd_traces_the_backward_ops(monkeypatch):
     """Under AOTAutograd (``aot_eager``) the weighted TT bag's backward is the backward op plus the traced
     weights gradient; gradients equal the PyTorch path's."""
     make_module, inputs, _ = CASES["tt_bag_weighted"]
-    module = make_module()
+    module = make_module().to(DEVICE)
     inputs = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
     monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
     expected = outputs_and_grads(module, module(*inputs), inputs)
