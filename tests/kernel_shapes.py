@@ -132,3 +132,25 @@ def tt_embedding_shapes(ranks: tuple[int, ...] = TT_RANKS, num_cores: tuple[int,
                 core_shapes = tuple((bonds[k], m, n, bonds[k + 1]) for k, (m, n) in enumerate(structure["tt_shapes"]))
                 shapes.append(TTShape(f"{name} embedding {rows}x{cols} d={cores} rank {rank}", core_shapes))
     return shapes
+
+
+class GatherShape(NamedTuple):
+    label: str
+    factors: tuple[tuple[int, int, int], ...]  # (r, a_j, b_j) per Kronecker factor
+
+
+def embedding_gather_shapes() -> list[GatherShape]:
+    """Kronecker-sum embeddings whose rows the fused gather builds: every preset's (Shapeshifter, word2ketXS) and
+    word2ketXS of order 2 and 4, ranks 10 and 256, on the BERT-base / Llama-7B vocabularies."""
+    shapes = [
+        GatherShape(shape.label, ((shape.rank, shape.a1, shape.b1), (shape.rank, shape.a2, shape.b2)))
+        for shape in preset_shapes()
+        if " embedding " in shape.label
+    ]
+    for name, (rows, cols) in LARGE_VOCABULARIES.items():
+        for order in (2, 4):
+            for rank in (10, 256):
+                structure = kt.Word2KetXS(order=order, rank=rank).resolve(rows, cols, EMBEDDING, name)
+                factors = tuple((structure["rank"], a, b) for a, b in structure["factor_shapes"])
+                shapes.append(GatherShape(f"{name} word2ketXS order {order} rank {rank} {rows}x{cols}", factors))
+    return shapes

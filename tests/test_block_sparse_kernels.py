@@ -108,6 +108,23 @@ class TestTritonBlockSparse:
         torch.testing.assert_close(output.double(), expected, rtol=tolerance, atol=tolerance)
         assert torch.equal(output[:, 4:8], torch.zeros(5, 4, dtype=dtype, device=DEVICE))
 
+    @pytest.mark.parametrize("block", [(4, 4), (2, 20)])  # packed kernel; tl.dot tiles
+    def test_custom_op_gradients_equal_the_reference(self, triton_module, block):
+        """``library_ops.block_sparse_matmul``: the kernel forward and the block-product backward, 3-d input."""
+        from kron_transformers.kernels import library_ops
+
+        weight, values, crow, col = block_sparse_weight(3 * block[0], 3 * block[1], block, KEEP, seed=7)
+        values = values.float().requires_grad_()
+        x = torch.randn(2, 3, 3 * block[1], device=DEVICE, requires_grad=True)
+        output = library_ops.block_sparse_matmul(x, values, crow, col, 3 * block[0])
+        expected = block_sparse_ops.block_sparse_matmul(x, values, crow, col, 3 * block[0])
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(output)
+        for actual, wanted in zip(
+            torch.autograd.grad(output, (x, values), grad), torch.autograd.grad(expected, (x, values), grad)
+        ):
+            torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+
     def test_fp16_and_leading_dimensions(self, triton_module):
         weight, values, crow, col = block_sparse_weight(6, 15, (2, 5), KEEP, seed=4, dtype=torch.float16)
         x = torch.randn(2, 3, 15, device=DEVICE).half()

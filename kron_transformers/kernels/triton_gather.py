@@ -47,8 +47,12 @@ from .triton_segment import reduce_by_digit, segment_sum, unique_slots
 
 _PERSISTENT_PROGRAMS = 1024
 # Register budget of one program: elements of its largest tile, and the widest rank block.
-_MAX_TILE_ELEMENTS = 4096
+_MAX_TILE_ELEMENTS = 1024  # of a (BLOCK_H, BLOCK_B) or (BLOCK_H, BLOCK_R) tile
 _MAX_RANK_BLOCK = 32
+# Up to 255 registers per thread for the backward: ptxas otherwise caps some of its tiles at 128 and spills (sm_90);
+# the forward spills with that cap lifted (fp32, rank block 32) and keeps ptxas's default.
+_FORWARD_OPTIONS = {"num_warps": 4}
+_BACKWARD_OPTIONS = {"num_warps": 4, "maxnreg": 255}
 
 
 @triton.jit
@@ -172,8 +176,9 @@ def _blocks(factors: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
     rank = factors[0].shape[0]
     head_size = math.prod(f.shape[2] for f in factors[:-1])
     block_b = max(16, triton.next_power_of_2(factors[-1].shape[2]))
-    block_h = max(16, min(triton.next_power_of_2(head_size), _MAX_TILE_ELEMENTS // block_b))
     block_r = max(16, min(triton.next_power_of_2(rank), _MAX_RANK_BLOCK))
+    largest = max(block_b, block_r)
+    block_h = max(16, min(triton.next_power_of_2(head_size), _MAX_TILE_ELEMENTS // largest))
     block_bj = max(16, triton.next_power_of_2(max((f.shape[2] for f in factors[:-1]), default=1)))
     return head_size, block_h, block_r, block_b, block_bj
 
@@ -215,6 +220,7 @@ def gather_forward(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: int
             BLOCK_H=block_h,
             BLOCK_R=block_r,
             BLOCK_B=block_b,
+            **_FORWARD_OPTIONS,
         )
     return out
 
@@ -250,6 +256,7 @@ def gather_backward(ids: torch.Tensor, grad_rows: torch.Tensor, factors: Sequenc
         BLOCK_R=block_r,
         BLOCK_B=block_b,
         BLOCK_BJ=block_bj,
+        **_BACKWARD_OPTIONS,
     )
     contrib = contrib[:, 0] if head_blocks == 1 else contrib.sum(1)
     digits = mixed_radix_digits(slots.slot_ids, tuple(f.shape[1] for f in factors))
