@@ -33,6 +33,7 @@ report="$out/gpu_check.md"
 kernel_tests=(
   tests/test_triton_kron_linear.py tests/test_library_ops.py tests/test_dispatch.py tests/test_triton_gather.py
   tests/test_triton_segment.py tests/test_triton_tensor_train.py tests/test_block_sparse_kernels.py
+  tests/test_library_ops_gathers.py
 )
 
 if [[ "$mode" == gpu ]]; then

@@ -102,3 +102,55 @@ def large_layer_shapes() -> list[KronShape]:
         for spec in (kt.Shapeshifter(rank=16), kt.KPD(rank=4, block_size=[4, 4])):
             shapes.append(_resolved(f"{spec.method} {rows}x{cols}", spec, rows, cols, LINEAR))
     return shapes
+
+
+TT_RANKS = (8, 16, 32, 64)
+LARGE_VOCABULARIES = {"bert-base": (30522, 768), "llama-7b": (32000, 4096)}
+
+
+class TTShape(NamedTuple):
+    label: str
+    cores: tuple[tuple[int, int, int, int], ...]  # (R_{k-1}, m_k, n_k, R_k) per core
+
+
+def tt_embedding_shapes(ranks: tuple[int, ...] = TT_RANKS, num_cores: tuple[int, ...] = (3, 4)) -> list[TTShape]:
+    """TT-Rec cores (``kt.TensorTrain`` resolved on the table) for the embedding of every preset's model and the
+    BERT-base / Llama-7B vocabularies, at each TT rank and number of cores."""
+    tables: dict[tuple[int, int], str] = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        defaults = yaml.safe_load(path.read_text()).get("defaults") or {}
+        for rows, cols in _model_weights(defaults, path.stem)["embedding"]:
+            tables.setdefault((rows, cols), path.stem)
+    tables.update({size: name for name, size in LARGE_VOCABULARIES.items()})
+    shapes = []
+    for (rows, cols), name in tables.items():
+        for cores in num_cores:
+            for rank in ranks:
+                spec = kt.TensorTrain(tt_ranks=rank, num_cores=cores)
+                structure = spec.resolve(rows, cols, EMBEDDING, name)
+                bonds = [1, *structure["tt_ranks"], 1]
+                core_shapes = tuple((bonds[k], m, n, bonds[k + 1]) for k, (m, n) in enumerate(structure["tt_shapes"]))
+                shapes.append(TTShape(f"{name} embedding {rows}x{cols} d={cores} rank {rank}", core_shapes))
+    return shapes
+
+
+class GatherShape(NamedTuple):
+    label: str
+    factors: tuple[tuple[int, int, int], ...]  # (r, a_j, b_j) per Kronecker factor
+
+
+def embedding_gather_shapes() -> list[GatherShape]:
+    """Kronecker-sum embeddings whose rows the fused gather builds: every preset's (Shapeshifter, word2ketXS) and
+    word2ketXS of order 2 and 4, ranks 10 and 256, on the BERT-base / Llama-7B vocabularies."""
+    shapes = [
+        GatherShape(shape.label, ((shape.rank, shape.a1, shape.b1), (shape.rank, shape.a2, shape.b2)))
+        for shape in preset_shapes()
+        if " embedding " in shape.label
+    ]
+    for name, (rows, cols) in LARGE_VOCABULARIES.items():
+        for order in (2, 4):
+            for rank in (10, 256):
+                structure = kt.Word2KetXS(order=order, rank=rank).resolve(rows, cols, EMBEDDING, name)
+                factors = tuple((structure["rank"], a, b) for a, b in structure["factor_shapes"])
+                shapes.append(GatherShape(f"{name} word2ketXS order {order} rank {rank} {rows}x{cols}", factors))
+    return shapes

@@ -92,6 +92,39 @@ class TestTritonBlockSparse:
         torch.testing.assert_close(output.double(), x.double() @ weight.double().T, rtol=1e-4, atol=1e-4)
         assert torch.equal(output[:, block[0] : 2 * block[0]], torch.zeros(rows, block[0], device=DEVICE))
 
+    @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+    def test_small_blocks_are_packed_over_several_steps(self, triton_module, dtype, tolerance):
+        """4x4 blocks (KPD presets): 8 blocks per step of ``block_sparse_small_kernel``, 11 stored in one row."""
+        keep = torch.rand(3, 13, generator=torch.Generator().manual_seed(5)) < 0.7
+        keep[0] = True
+        keep[1] = False
+        weight, values, crow, col = block_sparse_weight(12, 52, (4, 4), keep.tolist(), seed=6, dtype=dtype)
+        assert triton_module.uses_small_kernel(4, 4) and not triton_module.uses_small_kernel(4, 16)
+        assert triton_module.small_launch_blocks(4, 4, 5)["PACK"] == 8 and crow.diff().max() > 8
+        x = torch.randn(5, 52, device=DEVICE).to(dtype)
+        output = triton_module.block_sparse_matmul(x, values, crow, col, 12)
+        assert not torch.isnan(output).any()
+        expected = x.double() @ weight.double().T
+        torch.testing.assert_close(output.double(), expected, rtol=tolerance, atol=tolerance)
+        assert torch.equal(output[:, 4:8], torch.zeros(5, 4, dtype=dtype, device=DEVICE))
+
+    @pytest.mark.parametrize("block", [(4, 4), (2, 20)])  # packed kernel; tl.dot tiles
+    def test_custom_op_gradients_equal_the_reference(self, triton_module, block):
+        """``library_ops.block_sparse_matmul``: the kernel forward and the block-product backward, 3-d input."""
+        from kron_transformers.kernels import library_ops
+
+        weight, values, crow, col = block_sparse_weight(3 * block[0], 3 * block[1], block, KEEP, seed=7)
+        values = values.float().requires_grad_()
+        x = torch.randn(2, 3, 3 * block[1], device=DEVICE, requires_grad=True)
+        output = library_ops.block_sparse_matmul(x, values, crow, col, 3 * block[0])
+        expected = block_sparse_ops.block_sparse_matmul(x, values, crow, col, 3 * block[0])
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(output)
+        for actual, wanted in zip(
+            torch.autograd.grad(output, (x, values), grad), torch.autograd.grad(expected, (x, values), grad)
+        ):
+            torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+
     def test_fp16_and_leading_dimensions(self, triton_module):
         weight, values, crow, col = block_sparse_weight(6, 15, (2, 5), KEEP, seed=4, dtype=torch.float16)
         x = torch.randn(2, 3, 15, device=DEVICE).half()
@@ -108,22 +141,34 @@ class TestTritonBlockSparse:
 
 
 def test_kernel_compiles_for_cuda_without_spills():
-    """sm_90 ahead of time (no GPU needed), at the launcher's tiles for the KPD presets' 4x4 blocks and for 64x64
-    blocks, 8 and 4096 rows."""
+    """sm_90 ahead of time (no GPU needed), at the launcher's tiles for the block sizes of every KPD preset and
+    BERT/Llama KPD layer (4x4: the packed kernel) and for 64x64 blocks (``tl.dot`` tiles), at 1, 8 and 4096 rows,
+    fp32/fp16/bf16: no register spills."""
     pytest.importorskip("triton")
     from cuda_compile import compile_for_cuda
+    from kernel_shapes import large_layer_shapes, preset_shapes
 
-    from kron_transformers.kernels.triton_block_sparse import NUM_WARPS, launch_blocks
+    from kron_transformers.kernels import triton_block_sparse as kernel
 
+    blocks = {(shape.a2, shape.b2) for shape in preset_shapes() + large_layer_shapes() if shape.kpd} | {(64, 64)}
+    assert (4, 4) in blocks
     kernels = []
-    for dtype, name, precision in ((torch.float32, "fp32", "ieee"), (torch.bfloat16, "bf16", "tf32")):
+    for dtype, name, precision in ((torch.float32, "fp32", "ieee"), (torch.float16, "fp16", "tf32"),
+                                   (torch.bfloat16, "bf16", "tf32")):  # fmt: skip
         pointers = dict(x_ptr=f"*{name}", values_ptr=f"*{name}", crow_ptr="*i64", col_ptr="*i64", y_ptr=f"*{name}")
         scalars = dict.fromkeys(["n_rows", "block_rows", "block_cols", "stride_xn", "stride_yn"], "i32")
-        configs = {tuple(launch_blocks(block, block, rows, dtype).items()) for block in (4, 64) for rows in (8, 4096)}
-        for blocks in sorted(configs):
-            kernels.append(
-                ("kron_transformers.kernels.triton_block_sparse", "block_sparse_matmul_kernel", pointers | scalars,
-                 dict(blocks, PRECISION=precision), {"num_warps": NUM_WARPS})
-            )  # fmt: skip
+        configs = set()
+        for block_rows, block_cols in sorted(blocks):
+            for rows in (1, 8, 4096):
+                if kernel.uses_small_kernel(block_rows, block_cols):
+                    constexprs = kernel.small_launch_blocks(block_rows, block_cols, rows)
+                    configs.add(("block_sparse_small_kernel", tuple(constexprs.items()), kernel.SMALL_NUM_WARPS))
+                else:
+                    constexprs = dict(kernel.launch_blocks(block_rows, block_cols, rows, dtype), PRECISION=precision)
+                    configs.add(("block_sparse_matmul_kernel", tuple(constexprs.items()), kernel.NUM_WARPS))
+        for kernel_name, constexprs, warps in sorted(configs):
+            kernels.append((kernel.__name__, kernel_name, pointers | scalars, dict(constexprs), {"num_warps": warps}))
     usage = compile_for_cuda(kernels)
+    print("\nblock-sparse kernels:", [(k[1], k[3], u) for k, u in zip(kernels, usage)])
     assert [used["stack"] for used in usage] == [0] * len(kernels), usage
+    assert any(k[1] == "block_sparse_small_kernel" for k in kernels)

@@ -19,6 +19,7 @@ from kron_transformers import (
 )
 from kron_transformers.factorizations.kronecker import factored_is_cheaper
 from kron_transformers.kernels import dispatch, torch_ops
+from kron_transformers.kernels import ops as kernel_ops
 
 
 @pytest.fixture
@@ -200,8 +201,9 @@ def test_embeddings_go_through_the_fused_gather_kernels_when_forced(backend, tri
     ]
 
 
-def test_block_sparse_linear_uses_the_kernel_for_inference_only(backend, triton_calls):
-    """Kernel 5: ``BlockSparseLinear`` skips zero blocks by the Triton kernel; with a gradient it falls back."""
+def test_block_sparse_linear_uses_the_kernel_forward_and_backward(backend, triton_calls):
+    """Kernel 5: ``BlockSparseLinear`` skips zero blocks by the Triton kernel, for inference and training (the
+    custom op's backward is PyTorch's block products); output and gradients equal the dense layer's."""
     torch.manual_seed(0)
     weight = torch.randn(6, 8) * torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]).repeat_interleave(
         2, 0
@@ -212,11 +214,19 @@ def test_block_sparse_linear_uses_the_kernel_for_inference_only(backend, triton_
     backend("triton")
     with torch.no_grad():
         torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
-    assert triton_calls == ["triton_block_sparse:block_sparse_matmul"]
-    with pytest.warns(UserWarning, match="block_sparse_matmul: .* does not cover"):
-        output = module(x)
+    assert triton_calls == ["library_ops:block_sparse_matmul"]
+    output = module(x)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-    assert len(triton_calls) == 1
+    grad = torch.randn(3, 6)
+    torch.testing.assert_close(torch.autograd.grad(output, x, grad)[0], grad @ weight, rtol=1e-5, atol=1e-5)
+    values = module.values.clone().requires_grad_()
+    arguments = (x, values, module.crow_indices, module.col_indices, 6)
+    fused_grads = torch.autograd.grad(kernel_ops.block_sparse_matmul(*arguments), [x, values], grad)
+    backend("torch")
+    reference_grads = torch.autograd.grad(kernel_ops.block_sparse_matmul(*arguments), [x, values], grad)
+    for fused, reference in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    assert len(triton_calls) == 3
 
 
 def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):

@@ -11,6 +11,7 @@ compilations, 10-15 minutes on two cores).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -20,7 +21,15 @@ import torch
 triton = pytest.importorskip("triton")
 
 from cuda_compile import compile_for_cuda  # noqa: E402
-from kernel_shapes import KronShape, large_layer_shapes, preset_shapes  # noqa: E402
+from kernel_shapes import (  # noqa: E402
+    GatherShape,
+    KronShape,
+    TTShape,
+    embedding_gather_shapes,
+    large_layer_shapes,
+    preset_shapes,
+    tt_embedding_shapes,
+)
 
 from kron_transformers.kernels.triton_kron_linear import MAX_REGISTERS, NUM_WARPS, launch_blocks  # noqa: E402
 
@@ -97,13 +106,17 @@ def _compile_and_check(cases: dict[tuple, list[str]]) -> None:
                 {"num_warps": WARPS[dtype_name], "maxnreg": MAX_REGISTERS},
             )
         )
-    usage = compile_for_cuda(kernels)
+    _check_usage(cases, compile_for_cuda(kernels), hidden=("PRECISION",))
+
+
+def _check_usage(cases: dict[tuple, list[str]], usage: list[dict[str, int]], hidden: tuple[str, ...] = ()) -> None:
+    """Print (and append to ``$KRON_COMPILE_TABLE``) the table of ``cases`` and their usage; assert no spills."""
     lines = [
         "| pass | dtype | tiles | registers | spill bytes | shared KB | shapes |",
         "|---|---|---|---|---|---|---|",
     ]
     for (name, dtype_name, constexprs), labels, used in zip(cases, cases.values(), usage):
-        tiles = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in constexprs if key != "PRECISION")
+        tiles = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in constexprs if key not in hidden)
         lines.append(
             f"| {name} | {dtype_name} | {tiles} | {used['registers']} | {used['stack']} | "
             f"{used['shared'] / 1024:.1f} | {'; '.join(labels[:3])}{' ...' if len(labels) > 3 else ''} |"
@@ -159,3 +172,140 @@ def test_no_preset_or_large_layer_falls_back_to_pytorch():
                 assert covers_kpd_matmul(x, scale, a, b, shape.a1 * shape.a2), shape
             else:
                 assert covers_kron_matmul(x, (a, b), shape.a1 * shape.a2), shape
+
+
+TT_MODULE = "kron_transformers.kernels.triton_tensor_train"
+TT_SCALARS = dict(cols="i32", head_size="i32", last_width="i32")
+
+
+def _tt_signature(kernel: str, dtype: str) -> dict[str, str]:
+    if kernel == "_tt_forward_kernel":
+        pointers = dict(ids_ptr="*i64", bounds_ptr="*i64", weights_ptr=f"*{dtype}", cores_ptr=f"*{dtype}")
+        return pointers | dict(meta_ptr="*i64", out_ptr=f"*{dtype}") | TT_SCALARS
+    pointers = dict(grad_ptr="*fp32", slot_ids_ptr="*i64", num_unique_ptr="*i64", cores_ptr=f"*{dtype}")
+    return pointers | dict(meta_ptr="*i64", contrib_ptr="*fp32", contrib_width="i32", head_blocks="i32") | TT_SCALARS
+
+
+def tt_compile_cases(shapes: list[TTShape], dtypes: tuple[torch.dtype, ...] = tuple(DTYPES)) -> dict[tuple, list[str]]:
+    """``(kernel, dtype, constexprs) -> labels``: the TT gather/bag forward (pooled, weighted, mean: every branch
+    compiled in) and backward at the launcher's tiles (``_blocks``) for each shape."""
+    from kron_transformers.kernels.triton_tensor_train import _blocks, _precision
+
+    cases: dict[tuple, list[str]] = {}
+    for shape in shapes:
+        cores = [torch.empty(core, device="meta") for core in shape.cores]
+        _, block_h, block_r, block_b, block_n = _blocks(cores)
+        blocks = dict(ORDER=len(cores), BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_B=block_b)
+        blocks["PRECISION"] = _precision(block_r)
+        for dtype in dtypes:
+            for kernel, constexprs in (
+                ("_tt_forward_kernel", dict(blocks, POOLED=True, HAS_WEIGHTS=True, MEAN=True)),
+                ("_tt_backward_kernel", dict(blocks, BLOCK_N=block_n)),
+            ):
+                key = (kernel, DTYPES[dtype], tuple(sorted(constexprs.items())))
+                cases.setdefault(key, []).append(shape.label)
+    return cases
+
+
+def _compile_and_check_tt(cases: dict[tuple, list[str]]) -> None:
+    from kron_transformers.kernels.triton_tensor_train import _launch_options
+
+    kernels = [
+        (TT_MODULE, kernel, _tt_signature(kernel, dtype), dict(constexprs),
+         _launch_options(dict(constexprs)["BLOCK_R"]))
+        for kernel, dtype, constexprs in cases
+    ]  # fmt: skip
+    _check_usage(cases, compile_for_cuda(kernels))
+
+
+def test_tt_kernels_compile_without_spills_at_every_rank():
+    """TT forward and backward for T5-small's 32100x512 embedding (three cores) at TT ranks 8, 16, 32 and 64
+    (rank blocks 16, 32, 64: the broadcast chain, then the matrix-product chain), fp32 and bf16."""
+    shapes = [shape for shape in tt_embedding_shapes(num_cores=(3,)) if shape.label.startswith("t5_small")]
+    assert {shape.cores[1][0] for shape in shapes} == {8, 16, 32, 64}
+    _compile_and_check_tt(tt_compile_cases(shapes, (torch.float32, torch.bfloat16)))
+
+
+@every_shape
+def test_tt_kernels_compile_without_spills_at_every_preset_shape():
+    """Every preset model's embedding and the BERT-base / Llama-7B vocabularies, 3 and 4 cores, TT ranks 8-64,
+    three dtypes."""
+    _compile_and_check_tt(tt_compile_cases(tt_embedding_shapes()))
+
+
+def test_tt_kernels_cover_every_preset_embedding_at_rank_64():
+    from kron_transformers.kernels.coverage import tt_embedding_bag_covers, tt_gather_rows_covers
+
+    for shape in tt_embedding_shapes():
+        cores = [torch.empty(core, device="meta") for core in shape.cores]
+        ids = torch.zeros(4, dtype=torch.long, device="meta")
+        cols = int(shape.label.split(" ")[2].split("x")[1])
+        assert tt_gather_rows_covers(ids, cores, cols), shape
+        assert tt_embedding_bag_covers(ids, ids[:2], None, cores, cols, "sum"), shape
+
+
+GATHER_MODULE = "kron_transformers.kernels.triton_gather"
+GATHER_SCALARS = dict(rank="i32", cols="i32", head_size="i32", last_width="i32")
+
+
+def _gather_signature(kernel: str, dtype: str) -> dict[str, str]:
+    if kernel == "_kron_gather_forward_kernel":
+        return dict(ids_ptr="*i64", factors_ptr=f"*{dtype}", meta_ptr="*i64", out_ptr=f"*{dtype}") | GATHER_SCALARS
+    pointers = dict(grad_ptr="*fp32", slot_ids_ptr="*i64", num_unique_ptr="*i64", factors_ptr=f"*{dtype}")
+    return (
+        pointers | dict(meta_ptr="*i64", contrib_ptr="*fp32", contrib_width="i32", head_blocks="i32") | GATHER_SCALARS
+    )
+
+
+def gather_compile_cases(
+    shapes: list[GatherShape], dtypes: tuple[torch.dtype, ...] = tuple(DTYPES)
+) -> dict[tuple, list[str]]:
+    """``(kernel, dtype, constexprs) -> labels``: the Kronecker row gather's forward and backward at the launcher's
+    tiles (``triton_gather._blocks``) for each shape."""
+    from kron_transformers.kernels.triton_gather import _blocks
+
+    cases: dict[tuple, list[str]] = {}
+    for shape in shapes:
+        _, block_h, block_r, block_b, block_bj = _blocks([torch.empty(f, device="meta") for f in shape.factors])
+        blocks = dict(ORDER=len(shape.factors), BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_B=block_b)
+        for dtype in dtypes:
+            for kernel, constexprs in (
+                ("_kron_gather_forward_kernel", blocks),
+                ("_kron_gather_backward_kernel", dict(blocks, BLOCK_BJ=block_bj)),
+            ):
+                key = (kernel, DTYPES[dtype], tuple(sorted(constexprs.items())))
+                cases.setdefault(key, []).append(shape.label)
+    return cases
+
+
+def _compile_and_check_gather(cases: dict[tuple, list[str]]) -> None:
+    from kron_transformers.kernels.triton_gather import _BACKWARD_OPTIONS, _FORWARD_OPTIONS
+
+    options = {"_kron_gather_forward_kernel": _FORWARD_OPTIONS, "_kron_gather_backward_kernel": _BACKWARD_OPTIONS}
+    kernels = [
+        (GATHER_MODULE, kernel, _gather_signature(kernel, dtype), dict(constexprs), options[kernel])
+        for kernel, dtype, constexprs in cases
+    ]
+    _check_usage(cases, compile_for_cuda(kernels))
+
+
+def test_gather_kernels_compile_without_spills_at_a_preset_embedding():
+    """The row gather of T5-small Shapeshifter's 32100x512 embedding (rank 256: the rank loop), bf16."""
+    shapes = [shape for shape in embedding_gather_shapes() if shape.label.startswith("t5_small_shapeshifter")]
+    assert shapes
+    _compile_and_check_gather(gather_compile_cases(shapes, (torch.bfloat16,)))
+
+
+@every_shape
+def test_gather_kernels_compile_without_spills_at_every_preset_embedding():
+    """Every preset's Kronecker-sum embedding and word2ketXS order 2 and 4 on BERT/Llama vocabularies, three dtypes."""
+    _compile_and_check_gather(gather_compile_cases(embedding_gather_shapes()))
+
+
+def test_gather_kernels_cover_every_preset_embedding():
+    from kron_transformers.kernels.coverage import kron_gather_rows_covers
+
+    for shape in embedding_gather_shapes():
+        factors = [torch.empty(f, device="meta") for f in shape.factors]
+        cols = math.prod(f[2] for f in shape.factors)
+        assert kron_gather_rows_covers(torch.zeros(4, dtype=torch.long, device="meta"), factors, cols), shape

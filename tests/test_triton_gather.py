@@ -11,8 +11,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from kron_transformers.kernels import triton_gather  # noqa: E402
+from kron_transformers.kernels.coverage import kron_gather_rows_covers  # noqa: E402
 from kron_transformers.kernels.torch_ops import kron_gather_rows  # noqa: E402
-from kron_transformers.kernels.triton_gather import kron_gather_rows_covers, kron_gather_rows_triton  # noqa: E402
+from kron_transformers.kernels.triton_gather import kron_gather_rows_triton  # noqa: E402
 
 
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

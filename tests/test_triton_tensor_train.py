@@ -12,12 +12,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from kron_transformers.kernels import triton_tensor_train  # noqa: E402
-from kron_transformers.kernels.triton_tensor_train import (  # noqa: E402
-    tt_embedding_bag_covers,
-    tt_embedding_bag_triton,
-    tt_gather_rows_covers,
-    tt_gather_rows_triton,
-)
+from kron_transformers.kernels.coverage import tt_embedding_bag_covers, tt_gather_rows_covers  # noqa: E402
+from kron_transformers.kernels.triton_tensor_train import tt_embedding_bag_triton, tt_gather_rows_triton  # noqa: E402
 
 
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -27,6 +23,9 @@ SHAPES = {
     "d3": [(1, 2, 3, 3), (3, 3, 2, 5), (5, 2, 5, 1)],
     "d4": [(1, 2, 2, 2), (2, 2, 3, 3), (3, 2, 2, 2), (2, 3, 2, 1)],
     "d3_rank20": [(1, 2, 3, 20), (20, 2, 2, 17), (17, 3, 2, 1)],  # rank block 32, eight warps
+    # rank block 64: the chain steps as n_k masked (BLOCK_H, R) x (R, R) products, forward and backward
+    "d3_rank64": [(1, 3, 5, 64), (64, 3, 3, 45), (45, 2, 7, 1)],
+    "d4_rank64": [(1, 2, 3, 33), (33, 3, 3, 64), (64, 2, 5, 64), (64, 3, 3, 1)],
 }
 
 
@@ -141,7 +140,7 @@ BAG_IDS = torch.tensor([3, 3, 11, 0, 3, 7, 7, 5, 3, 1, 11, 2])
 BAG_OFFSETS = torch.tensor([0, 3, 3, 4, 9, 9])  # empty bags at 1 and 4, last bag ends at len(ids)
 
 
-@pytest.mark.parametrize("name", ["d2", "d3"])
+@pytest.mark.parametrize("name", ["d2", "d3", "d3_rank64"])
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
 def test_bag_matches_embedding_bag_on_tt_table(name, mode, weighted, poisoned_buffers):
     shapes = SHAPES[name]
@@ -231,46 +230,3 @@ def test_covers_and_errors():
         assert not tt_embedding_bag_covers(*arguments)
         with pytest.raises(ValueError, match="tt_embedding_bag_triton"):
             tt_embedding_bag_triton(*arguments)
-
-
-def test_kernels_compile_for_cuda():
-    """The interpreter never lowers the kernels: compile them for sm_90 (no GPU needed), three cores, at the
-    launcher's tiles and warps for TT ranks 16 and 32 (the largest covered): no register spills."""
-    from cuda_compile import compile_for_cuda
-
-    from kron_transformers.kernels.triton_tensor_train import _blocks, _num_warps
-
-    scalars = dict(cols="i32", head_size="i32", last_width="i32")
-    forward = dict(
-        ids_ptr="*i64",
-        bounds_ptr="*i64",
-        weights_ptr="*bf16",
-        cores_ptr="*bf16",
-        meta_ptr="*i64",
-        out_ptr="*bf16",
-        **scalars,
-    )
-    backward = dict(
-        grad_ptr="*fp32",
-        slot_ids_ptr="*i64",
-        num_unique_ptr="*i64",
-        cores_ptr="*bf16",
-        meta_ptr="*i64",
-        contrib_ptr="*fp32",
-        contrib_width="i32",
-        head_blocks="i32",
-        **scalars,
-    )
-    module = "kron_transformers.kernels.triton_tensor_train"
-    kernels = []
-    for rank in (16, 32):
-        cores = [torch.empty(1, 40, 4, rank), torch.empty(rank, 40, 4, rank), torch.empty(rank, 40, 8, 1)]
-        _, block_h, block_r, block_b, block_n = _blocks(cores)
-        blocks = dict(ORDER=3, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_B=block_b)
-        options = {"num_warps": _num_warps(block_r)}
-        flags = dict(POOLED=True, HAS_WEIGHTS=True, MEAN=True)
-        kernels.append((module, "_tt_forward_kernel", forward, dict(blocks, **flags), options))
-        kernels.append((module, "_tt_backward_kernel", backward, dict(blocks, BLOCK_N=block_n), options))
-    usage = compile_for_cuda(kernels)
-    print("\nTT kernels (forward, backward) at ranks 16 and 32:", usage)
-    assert [used["stack"] for used in usage] == [0] * len(usage), f"register spills: {usage}"

@@ -23,6 +23,12 @@ def _bsr_linear_supported(x: torch.Tensor, values: torch.Tensor) -> bool:
     )
 
 
+def _block_row_of(crow_indices: torch.Tensor, nonzero_blocks: int) -> torch.Tensor:
+    """The block row ``i`` of each stored block ``z`` (``crow_indices[i] <= z < crow_indices[i + 1]``)."""
+    block_rows = torch.arange(len(crow_indices) - 1, device=crow_indices.device)
+    return torch.repeat_interleave(block_rows, crow_indices.diff(), output_size=nonzero_blocks)
+
+
 def block_sparse_matmul(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -52,10 +58,33 @@ def block_sparse_matmul(
             return F.linear(x, weight)
     lead_shape = x.shape[:-1]
     flat = x.reshape(-1, in_features // block_cols, block_cols)
-    block_row_of = torch.repeat_interleave(
-        torch.arange(len(crow_indices) - 1, device=x.device), crow_indices.diff(), output_size=nonzero_blocks
-    )
+    block_row_of = _block_row_of(crow_indices, nonzero_blocks)
     contributions = torch.einsum("nzc,zrc->nzr", flat[:, col_indices], values.to(x.dtype))
     out = x.new_zeros(flat.shape[0], out_features // block_rows, block_rows)
     out = out.index_add(1, block_row_of, contributions)
     return out.reshape(*lead_shape, out_features)
+
+
+def block_sparse_matmul_backward(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    needs_grad: tuple[bool, ...] = (True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dvalues)`` of ``y = x W^T`` given ``dy``, over the stored blocks only: block ``V_z`` at ``(i, j)`` adds
+    ``dy[:, i-th row block] V_z`` to ``dx[:, j-th column block]`` and has ``dV_z = dy[:, i-th]^T x[:, j-th]``.
+    ``needs_grad[:2]`` says which of the two to compute (``None`` for the other)."""
+    nonzero_blocks, block_rows, block_cols = values.shape
+    flat_x = x.reshape(-1, x.shape[-1] // block_cols, block_cols)
+    flat_grad = grad.reshape(-1, grad.shape[-1] // block_rows, block_rows)
+    grad_blocks = flat_grad[:, _block_row_of(crow_indices, nonzero_blocks)]  # (N, nnz, m2)
+    grad_x = grad_values = None
+    if needs_grad[0]:
+        contributions = torch.einsum("nzr,zrc->nzc", grad_blocks, values.to(grad.dtype))
+        grad_x = flat_x.new_zeros(flat_x.shape).index_add(1, col_indices, contributions.to(x.dtype)).reshape(x.shape)
+    if needs_grad[1]:
+        grad_values = torch.einsum("nzr,nzc->zrc", grad_blocks, flat_x[:, col_indices].to(grad.dtype))
+        grad_values = grad_values.to(values.dtype)
+    return grad_x, grad_values

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import block_sparse_ops, library_ops, tensor_train, torch_ops
+from . import block_sparse_ops, coverage, library_ops, tensor_train, torch_ops
 from .dispatch import register_kernel
 
 
@@ -37,9 +37,8 @@ def covers_block_sparse_matmul(
     col_indices: torch.Tensor,
     out_features: int,
 ) -> bool:
-    """Inference only (no gradient needed), one supported dtype for ``x`` and the blocks."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
-    return not needs_grad and x.dtype in KRON_LINEAR_DTYPES and values.dtype == x.dtype
+    """One supported dtype for ``x`` and the blocks (the backward is PyTorch's block products)."""
+    return x.dtype in KRON_LINEAR_DTYPES and values.dtype == x.dtype
 
 
 kron_matmul = register_kernel(
@@ -52,23 +51,27 @@ kron_gather_rows = register_kernel(
     "kron_gather_rows",
     torch_ops.kron_gather_rows,
     "triton_gather:kron_gather_rows_triton",
-    "triton_gather:kron_gather_rows_covers",
+    coverage.kron_gather_rows_covers,
+    library_ops.kron_gather_rows,
 )
 block_sparse_matmul = register_kernel(
     "block_sparse_matmul",
     block_sparse_ops.block_sparse_matmul,
-    "triton_block_sparse:block_sparse_matmul",
+    "library_ops:block_sparse_matmul",
     covers_block_sparse_matmul,
+    library_ops.block_sparse_matmul,
 )
 tt_gather_rows = register_kernel(
     "tt_gather_rows",
     tensor_train.tt_gather_rows,
     "triton_tensor_train:tt_gather_rows_triton",
-    "triton_tensor_train:tt_gather_rows_covers",
+    coverage.tt_gather_rows_covers,
+    library_ops.tt_gather_rows,
 )
 tt_embedding_bag = register_kernel(
     "tt_embedding_bag",
     tensor_train.tt_embedding_bag,
     "triton_tensor_train:tt_embedding_bag_triton",
-    "triton_tensor_train:tt_embedding_bag_covers",
+    coverage.tt_embedding_bag_covers,
+    library_ops.tt_embedding_bag,
 )

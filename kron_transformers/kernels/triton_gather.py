@@ -39,19 +39,20 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .coverage import kron_gather_rows_problem
 from .torch_ops import mixed_radix_digits
 from .triton_segment import reduce_by_digit, segment_sum, unique_slots
 
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_ORDER = 8
-MAX_FACTOR_COLS = 1024
 _PERSISTENT_PROGRAMS = 1024
 # Register budget of one program: elements of its largest tile, and the widest rank block.
-_MAX_TILE_ELEMENTS = 4096
+_MAX_TILE_ELEMENTS = 1024  # of a (BLOCK_H, BLOCK_B) or (BLOCK_H, BLOCK_R) tile
 _MAX_RANK_BLOCK = 32
+# Up to 255 registers per thread for the backward: ptxas otherwise caps some of its tiles at 128 and spills (sm_90);
+# the forward spills with that cap lifted (fp32, rank block 32) and keeps ptxas's default.
+_FORWARD_OPTIONS = {"num_warps": 4}
+_BACKWARD_OPTIONS = {"num_warps": 4, "maxnreg": 255}
 
 
 @triton.jit
@@ -170,45 +171,14 @@ def _kron_gather_backward_kernel(
                 tl.store(factor_pointers, factor_grad, mask=rank_mask[:, None] & (head_cols < width)[None, :])
 
 
-def _check(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: int) -> str | None:
-    """Why the kernel cannot take these arguments, or ``None`` when it can."""
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
-        return f"ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}"
-    if not 2 <= len(factors) <= MAX_ORDER:
-        return f"expected 2..{MAX_ORDER} factors, got {len(factors)}"
-    for factor in factors:
-        if not isinstance(factor, torch.Tensor) or factor.dim() != 3:
-            return f"factors must be 3-d (r, a_j, b_j) tensors, got shapes {[tuple(f.shape) for f in factors]}"
-    shapes = [tuple(f.shape) for f in factors]
-    if len({f.shape[0] for f in factors}) != 1 or factors[0].shape[0] == 0:
-        return f"factors must share a positive rank, got shapes {shapes}"
-    if len({f.dtype for f in factors}) != 1 or factors[0].dtype not in SUPPORTED_DTYPES:
-        return f"factors must share one dtype among {SUPPORTED_DTYPES}, got {[f.dtype for f in factors]}"
-    if len({f.device for f in factors} | {ids.device}) != 1:
-        return "ids and factors must be on one device"
-    if min(min(f.shape[1:]) for f in factors) < 1 or max(f.shape[2] for f in factors) > MAX_FACTOR_COLS:
-        return f"factor sizes must be in 1..{MAX_FACTOR_COLS} columns with at least one row, got shapes {shapes}"
-    if not isinstance(cols, int) or not 0 < cols <= math.prod(f.shape[2] for f in factors):
-        return f"cols must be in 1..prod(b_j) for factor shapes {shapes}, got {cols}"
-    return None
-
-
-def kron_gather_rows_covers(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: int) -> bool:
-    """Whether :func:`kron_gather_rows_triton` takes these arguments.
-
-    Integer ids; 2..8 factors ``(r, a_j, b_j)`` sharing rank ``r >= 1`` and one dtype among
-    fp32/fp16/bf16, on the ids' device; ``b_j <= 1024``; ``0 < cols <= prod b_j``.
-    """
-    return _check(ids, factors, cols) is None
-
-
 def _blocks(factors: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
     """``head_size, BLOCK_H, BLOCK_R, BLOCK_B, BLOCK_BJ``; every tile side >= 16 for ``tl.dot``."""
     rank = factors[0].shape[0]
     head_size = math.prod(f.shape[2] for f in factors[:-1])
     block_b = max(16, triton.next_power_of_2(factors[-1].shape[2]))
-    block_h = max(16, min(triton.next_power_of_2(head_size), _MAX_TILE_ELEMENTS // block_b))
     block_r = max(16, min(triton.next_power_of_2(rank), _MAX_RANK_BLOCK))
+    largest = max(block_b, block_r)
+    block_h = max(16, min(triton.next_power_of_2(head_size), _MAX_TILE_ELEMENTS // largest))
     block_bj = max(16, triton.next_power_of_2(max((f.shape[2] for f in factors[:-1]), default=1)))
     return head_size, block_h, block_r, block_b, block_bj
 
@@ -230,42 +200,32 @@ def _metadata_table(shapes: tuple[tuple[int, int, int], ...], device: torch.devi
     return torch.tensor(table, dtype=torch.int64, device=device)
 
 
-class _KronGatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ids: torch.Tensor, cols: int, *factors: torch.Tensor) -> torch.Tensor:
-        flat_ids = ids.reshape(-1).contiguous()
-        ctx.save_for_backward(flat_ids, *factors)
-        ctx.cols = cols
-        out = torch.empty(len(flat_ids), cols, dtype=factors[0].dtype, device=ids.device)
-        if len(flat_ids):
-            packed = torch.cat([f.reshape(-1) for f in factors])
-            head_size, block_h, block_r, block_b, _ = _blocks(factors)
-            grid = (len(flat_ids), triton.cdiv(head_size, block_h))
-            _kron_gather_forward_kernel[grid](
-                flat_ids,
-                packed,
-                _metadata(factors),
-                out,
-                factors[0].shape[0],
-                cols,
-                head_size,
-                factors[-1].shape[2],
-                ORDER=len(factors),
-                BLOCK_H=block_h,
-                BLOCK_R=block_r,
-                BLOCK_B=block_b,
-            )
-        return out.reshape(*ids.shape, cols)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        flat_ids, *factors = ctx.saved_tensors
-        grads = _backward(flat_ids, grad_out.reshape(len(flat_ids), ctx.cols), factors)
-        return (None, None, *grads)
+def gather_forward(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
+    """Rows ``W[ids]`` for 1-d ``ids``, ``(len(ids), cols)``, by ``_kron_gather_forward_kernel``."""
+    out = torch.empty(len(ids), cols, dtype=factors[0].dtype, device=ids.device)
+    if len(ids):
+        packed = torch.cat([f.reshape(-1) for f in factors])
+        head_size, block_h, block_r, block_b, _ = _blocks(factors)
+        grid = (len(ids), triton.cdiv(head_size, block_h))
+        _kron_gather_forward_kernel[grid](
+            ids,
+            packed,
+            _metadata(factors),
+            out,
+            factors[0].shape[0],
+            cols,
+            head_size,
+            factors[-1].shape[2],
+            ORDER=len(factors),
+            BLOCK_H=block_h,
+            BLOCK_R=block_r,
+            BLOCK_B=block_b,
+            **_FORWARD_OPTIONS,
+        )
+    return out
 
 
-def _backward(ids: torch.Tensor, grad_rows: torch.Tensor, factors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def gather_backward(ids: torch.Tensor, grad_rows: torch.Tensor, factors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Factor gradients of ``rows[t] = W[ids[t]]`` given ``grad_rows`` ``(len(ids), cols)``, dedup'd, atomic-free."""
     if len(ids) == 0:
         return [torch.zeros_like(f) for f in factors]
@@ -296,6 +256,7 @@ def _backward(ids: torch.Tensor, grad_rows: torch.Tensor, factors: Sequence[torc
         BLOCK_R=block_r,
         BLOCK_B=block_b,
         BLOCK_BJ=block_bj,
+        **_BACKWARD_OPTIONS,
     )
     contrib = contrib[:, 0] if head_blocks == 1 else contrib.sum(1)
     digits = mixed_radix_digits(slots.slot_ids, tuple(f.shape[1] for f in factors))
@@ -309,11 +270,14 @@ def _backward(ids: torch.Tensor, grad_rows: torch.Tensor, factors: Sequence[torc
 
 
 def kron_gather_rows_triton(ids: torch.Tensor, factors: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
-    """Triton :func:`~kron_transformers.kernels.torch_ops.kron_gather_rows`: ``W[ids]``, shape ``(*ids.shape, cols)``.
+    """Triton :func:`~kron_transformers.kernels.torch_ops.kron_gather_rows`: ``W[ids]``, shape ``(*ids.shape, cols)``,
+    differentiable with respect to the factors (the ``kron_transformers::kron_gather_rows`` custom op).
 
     Ids must lie in ``[0, prod a_j)`` (not checked on the device, to avoid a host sync).
     """
-    problem = _check(ids, factors, cols)
+    from .library_ops import kron_gather_rows
+
+    problem = kron_gather_rows_problem(ids, factors, cols)
     if problem is not None:
         raise ValueError(f"kron_gather_rows_triton: {problem}.")
-    return _KronGatherRows.apply(ids, cols, *factors)
+    return kron_gather_rows(ids, factors, cols)

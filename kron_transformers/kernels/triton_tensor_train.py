@@ -13,6 +13,11 @@ Forward. The row index splits as ``p = h * n_d + c`` with ``h`` the head digits 
 One program builds a ``(BLOCK_H, n_d)`` tile of a row in registers: the chain of small per-index
 products ``s(h) = G_1[0, i_1, j_1(h), :] G_2[:, i_2, j_2(h), :] ...`` (a ``(BLOCK_H, R)`` state, one
 row-vector-times-matrix per head core), then ``tile = s G_d[:, i_d, :, 0]`` as one matrix product.
+Up to rank 16 a chain step is one ``(BLOCK_H, R, R)`` broadcast product; from rank 17 (rank blocks 32
+and 64, whose ``(BLOCK_H, R, R)`` tiles spill from four cores on) it is ``n_k`` matrix products
+``sum_j [j_k(h) = j] s(h) G_k[:, i_k, j, :]`` of ``(BLOCK_H, R) x (R, R)`` tiles, ``n_k`` times the
+multiply-adds in exchange for registers that stay within budget (in fp32 FMA, or at rank block 64
+``tf32x3`` tensor-core products: three TF32 products, about fp32 accuracy).
 The bag kernel loops over its ids and pools the weighted tiles in fp32 before the single store,
 so neither the rows nor the ``T_k`` intermediates of FBTT's batched GEMMs touch global memory.
 
@@ -39,17 +44,15 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .coverage import tt_bag_problem, tt_rows_problem
 from .torch_ops import mixed_radix_digits
 from .triton_segment import reduce_by_digit, segment_sum, unique_slots
 
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_CORES = 6
-MAX_RANK = 32  # the (BLOCK_H, R, R) register tiles of wider ranks would spill
-MAX_CORE_COLS = 1024
-BAG_MODES = ("sum", "mean")
+# Rank block from which a chain step is n_k (BLOCK_H, R) x (R, R) products instead of one (BLOCK_H, R, R) tile.
+_DOT_CHAIN_RANK = tl.constexpr(32)
+_MAX_REGISTERS = 255  # per thread (ptxas otherwise caps some of these kernels at 128 and spills)
 _PERSISTENT_PROGRAMS = 1024
 # Register budget of one program: elements of its largest tile.
 _MAX_TILE_ELEMENTS = 4096
@@ -72,11 +75,63 @@ def _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, K: tl.con
 
 
 @triton.jit
-def _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, UPTO: tl.constexpr):
+def _core_matrix(row_id, j, ranks, cores_ptr, meta_ptr, K: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``(BLOCK_R, BLOCK_R)`` tile of ``G_K[a, i_K, j, b]`` (indexed ``[a, b]``, or ``[b, a]`` when transposed)."""
+    offset = tl.load(meta_ptr + K * 8 + 0)
+    rank_in = tl.load(meta_ptr + K * 8 + 1).to(tl.int32)  # int32 offsets within a core: half the registers
+    rows = tl.load(meta_ptr + K * 8 + 2)
+    width = tl.load(meta_ptr + K * 8 + 3).to(tl.int32)
+    rank_out = tl.load(meta_ptr + K * 8 + 4).to(tl.int32)
+    digit = ((row_id // tl.load(meta_ptr + K * 8 + 5)) % rows).to(tl.int32)
+    rows = rows.to(tl.int32)
+    if TRANSPOSED:
+        r_in, r_out = ranks[None, :], ranks[:, None]
+    else:
+        r_in, r_out = ranks[:, None], ranks[None, :]
+    pointers = cores_ptr + offset + ((r_in * rows + digit) * width + j) * rank_out + r_out
+    return tl.load(pointers, mask=(r_in < rank_in) & (r_out < rank_out), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chain_step(
+    state, row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, K: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``s(h) G_K[:, i_K, j_K(h), :]`` of a ``(BLOCK_H, BLOCK_R)`` state, or ``g(h) G_K[:, i_K, j_K(h), :]^T`` when
+    ``BACKWARD`` (the gradient of the state before core ``K`` from the one after it)."""
+    if BLOCK_R >= _DOT_CHAIN_RANK:
+        width = tl.load(meta_ptr + K * 8 + 3)
+        col = (heads // tl.load(meta_ptr + K * 8 + 6)) % width
+        result = tl.zeros_like(state)
+        for j in range(width):
+            selected = tl.where((col == j)[:, None], state, 0.0)
+            matrix = _core_matrix(row_id, j, ranks, cores_ptr, meta_ptr, K, BACKWARD)
+            result += tl.dot(selected, matrix, input_precision=PRECISION)
+    else:
+        slices = _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, K)
+        if BACKWARD:
+            result = tl.sum(slices * state[:, None, :], axis=2)
+        else:
+            result = tl.sum(state[:, :, None] * slices, axis=1)
+    return result
+
+
+@triton.jit
+def _head_state(
+    row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, UPTO: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
     """``(BLOCK_H, BLOCK_R)`` state ``s(h) = G_1[0, i_1, j_1(h), :] ... G_UPTO[:, i_UPTO, j_UPTO(h), :]``."""
-    state = tl.sum(_core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, 0), axis=1)
+    offset = tl.load(meta_ptr + 0)
+    rows = tl.load(meta_ptr + 2)
+    width = tl.load(meta_ptr + 3)
+    rank_out = tl.load(meta_ptr + 4)
+    digit = (row_id // tl.load(meta_ptr + 5)) % rows
+    col = (heads // tl.load(meta_ptr + 6)) % width
+    pointers = cores_ptr + offset + (digit * width + col[:, None]) * rank_out + ranks[None, :]
+    state = tl.load(pointers, mask=head_mask[:, None] & (ranks < rank_out)[None, :], other=0.0).to(tl.float32)
     for k in tl.static_range(1, UPTO):
-        state = tl.sum(state[:, :, None] * _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k), 1)
+        state = _chain_step(state, row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k, False, BLOCK_R, PRECISION)
     return state
 
 
@@ -110,6 +165,7 @@ def _tt_forward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Output row (a gathered row, or a bag pooled over ``[bounds[row], bounds[row + 1])``), one head block."""
     row = tl.program_id(0).to(tl.int64)
@@ -126,8 +182,10 @@ def _tt_forward_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_B], dtype=tl.float32)
     for position in range(start, end):
         row_id = tl.load(ids_ptr + position).to(tl.int64)
-        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1)
-        tile = tl.dot(state, _last_core(row_id, ranks, last_cols, cores_ptr, meta_ptr, ORDER), input_precision="ieee")
+        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1, BLOCK_R, PRECISION)
+        tile = tl.dot(
+            state, _last_core(row_id, ranks, last_cols, cores_ptr, meta_ptr, ORDER), input_precision=PRECISION
+        )
         if HAS_WEIGHTS:
             tile *= tl.load(weights_ptr + position).to(tl.float32)
         acc += tile
@@ -156,6 +214,7 @@ def _tt_backward_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Per unique id and head block: ``contrib[slot, block]`` = gradient w.r.t. each core's slice ``G_k[:, i_k]``."""
     total_work = tl.load(num_unique_ptr) * head_blocks
@@ -172,19 +231,20 @@ def _tt_backward_kernel(
         grad = tl.load(grad_ptr + slot * cols + out_cols, mask=grad_mask, other=0.0)
         base = contrib_ptr + work * contrib_width
         last = _last_core(row_id, ranks, last_cols, cores_ptr, meta_ptr, ORDER)
-        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1)
-        last_grad = tl.dot(tl.trans(state), grad, input_precision="ieee")
+        state = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, ORDER - 1, BLOCK_R, PRECISION)
+        last_grad = tl.dot(tl.trans(state), grad, input_precision=PRECISION)
         last_rank = tl.load(meta_ptr + (ORDER - 1) * 8 + 1)
         last_pointers = (
             base + tl.load(meta_ptr + (ORDER - 1) * 8 + 7) + ranks[:, None] * last_width + last_cols[None, :]
         )
         tl.store(last_pointers, last_grad, mask=(ranks < last_rank)[:, None] & (last_cols < last_width)[None, :])
-        state_grad = tl.dot(grad, tl.trans(last), input_precision="ieee")
+        state_grad = tl.dot(grad, tl.trans(last), input_precision=PRECISION)
         for k in tl.static_range(ORDER - 1):
             core_grad = state_grad
             for later in tl.static_range(ORDER - 2, k, -1):
-                slices = _core_slices(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, later)
-                core_grad = tl.sum(slices * core_grad[:, None, :], axis=2)
+                core_grad = _chain_step(
+                    core_grad, row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, later, True, BLOCK_R, PRECISION
+                )
             rank_in = tl.load(meta_ptr + k * 8 + 1)
             width = tl.load(meta_ptr + k * 8 + 3)
             rank_out = tl.load(meta_ptr + k * 8 + 4)
@@ -192,97 +252,18 @@ def _tt_backward_kernel(
             core_base = base + tl.load(meta_ptr + k * 8 + 7)
             if k == 0:
                 one_hot = tl.where(head_mask[:, None] & (col[:, None] == head_cols[None, :]), 1.0, 0.0)
-                first_grad = tl.dot(tl.trans(one_hot), core_grad, input_precision="ieee")
+                first_grad = tl.dot(tl.trans(one_hot), core_grad, input_precision=PRECISION)
                 first_pointers = core_base + head_cols[:, None] * rank_out + ranks[None, :]
                 tl.store(first_pointers, first_grad, mask=(head_cols < width)[:, None] & (ranks < rank_out)[None, :])
             else:
-                previous = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k)
+                previous = _head_state(row_id, heads, head_mask, ranks, cores_ptr, meta_ptr, k, BLOCK_R, PRECISION)
                 store_mask = (ranks < rank_in)[:, None] & (ranks < rank_out)[None, :]
-                for j in range(width):
+                width_32, rank_out_32 = width.to(tl.int32), rank_out.to(tl.int32)
+                for j in range(width_32):
                     selected = tl.where(head_mask[:, None] & (col == j)[:, None], previous, 0.0)
-                    slice_grad = tl.dot(tl.trans(selected), core_grad, input_precision="ieee")
-                    slice_pointers = core_base + (ranks[:, None] * width + j) * rank_out + ranks[None, :]
+                    slice_grad = tl.dot(tl.trans(selected), core_grad, input_precision=PRECISION)
+                    slice_pointers = core_base + (ranks[:, None] * width_32 + j) * rank_out_32 + ranks[None, :]
                     tl.store(slice_pointers, slice_grad, mask=store_mask)
-
-
-def _check(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> str | None:
-    """Why the kernels cannot take these ids, cores and cols, or ``None`` when they can."""
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
-        return f"ids must be an int32/int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}"
-    if not 2 <= len(cores) <= MAX_CORES:
-        return f"expected 2..{MAX_CORES} cores, got {len(cores)}"
-    if any(not isinstance(core, torch.Tensor) or core.dim() != 4 for core in cores):
-        return f"cores must be 4-d (R_prev, m_k, n_k, R_next) tensors, got {[getattr(c, 'shape', c) for c in cores]}"
-    shapes = [tuple(core.shape) for core in cores]
-    links = [1] + [core.shape[3] for core in cores[:-1]]
-    if [core.shape[0] for core in cores] != links or cores[-1].shape[3] != 1:
-        return f"core ranks must chain with R_0 = R_d = 1, got shapes {shapes}"
-    if max(links) > MAX_RANK or min(min(core.shape) for core in cores) < 1:
-        return f"TT ranks must be in 1..{MAX_RANK} and every size positive, got shapes {shapes}"
-    if max(core.shape[2] for core in cores) > MAX_CORE_COLS:
-        return f"core column sizes n_k must be <= {MAX_CORE_COLS}, got shapes {shapes}"
-    if len({core.dtype for core in cores}) != 1 or cores[0].dtype not in SUPPORTED_DTYPES:
-        return f"cores must share one dtype among {SUPPORTED_DTYPES}, got {[core.dtype for core in cores]}"
-    if len({core.device for core in cores} | {ids.device}) != 1:
-        return "ids and cores must be on one device"
-    if not isinstance(cols, int) or not 0 < cols <= math.prod(core.shape[2] for core in cores):
-        return f"cols must be in 1..prod(n_k) for core shapes {shapes}, got {cols}"
-    return None
-
-
-def _check_bag(
-    ids: torch.Tensor,
-    offsets: torch.Tensor | None,
-    per_sample_weights: torch.Tensor | None,
-    cores: Sequence[torch.Tensor],
-    cols: int,
-    mode: str,
-) -> str | None:
-    problem = _check(ids, cores, cols)
-    if problem is not None:
-        return problem
-    if mode not in BAG_MODES:
-        return f"mode must be one of {BAG_MODES}, got {mode!r}"
-    if offsets is None:
-        if ids.dim() != 2:
-            return f"ids without offsets must be 2-d (bags, bag_size), got shape {tuple(ids.shape)}"
-    elif ids.dim() != 1 or not isinstance(offsets, torch.Tensor) or offsets.dim() != 1:
-        return f"ids and offsets must be 1-d, got shapes {tuple(ids.shape)} and {getattr(offsets, 'shape', offsets)}"
-    elif offsets.dtype not in (torch.int32, torch.int64) or offsets.device != ids.device:
-        return f"offsets must be an int32/int64 tensor on the ids' device, got {offsets.dtype} on {offsets.device}"
-    if per_sample_weights is not None:
-        if mode != "sum":
-            return "per_sample_weights are only supported with mode='sum' (as nn.EmbeddingBag)"
-        if per_sample_weights.shape != ids.shape or per_sample_weights.device != ids.device:
-            return f"per_sample_weights must match ids' shape {tuple(ids.shape)} and device"
-        if per_sample_weights.dtype not in SUPPORTED_DTYPES:
-            return f"per_sample_weights must be one of {SUPPORTED_DTYPES}, got {per_sample_weights.dtype}"
-    return None
-
-
-def tt_gather_rows_covers(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> bool:
-    """Whether :func:`tt_gather_rows_triton` takes these arguments.
-
-    Integer ids; 2..6 cores ``(R_{k-1}, m_k, n_k, R_k)`` with ``R_0 = R_d = 1``, ranks <= 32,
-    ``n_k <= 1024``, one dtype among fp32/fp16/bf16, on the ids' device; ``0 < cols <= prod n_k``.
-    """
-    return _check(ids, cores, cols) is None
-
-
-def tt_embedding_bag_covers(
-    ids: torch.Tensor,
-    offsets: torch.Tensor | None,
-    per_sample_weights: torch.Tensor | None,
-    cores: Sequence[torch.Tensor],
-    cols: int,
-    mode: str,
-) -> bool:
-    """Whether :func:`tt_embedding_bag_triton` takes these arguments.
-
-    As :func:`tt_gather_rows_covers`, plus: 1-d ids with 1-d int offsets (or 2-d ids and no
-    offsets), mode ``"sum"`` or ``"mean"``, per-sample weights (float, ids' shape) only with ``"sum"``.
-    """
-    return _check_bag(ids, offsets, per_sample_weights, cores, cols, mode) is None
 
 
 def _blocks(cores: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
@@ -290,18 +271,31 @@ def _blocks(cores: Sequence[torch.Tensor]) -> tuple[int, int, int, int, int]:
     head_size = math.prod(core.shape[2] for core in cores[:-1])
     block_r = max(16, triton.next_power_of_2(max(core.shape[3] for core in cores[:-1])))
     block_b = max(16, triton.next_power_of_2(cores[-1].shape[2]))
-    tile_budget = _MAX_TILE_ELEMENTS // max(block_r**2, block_b)
-    block_h = max(16, min(triton.next_power_of_2(head_size), tile_budget))
+    if block_r >= _DOT_CHAIN_RANK.value:
+        block_h = 16  # the (R, R) core slices, not the heads, fill the registers
+    else:
+        block_h = max(16, min(triton.next_power_of_2(head_size), _MAX_TILE_ELEMENTS // max(block_r**2, block_b)))
     block_n = max(16, triton.next_power_of_2(cores[0].shape[2]))
     return head_size, block_h, block_r, block_b, block_n
 
 
-def _num_warps(block_r: int) -> int:
-    """Warps per program: eight share the ``(BLOCK_H, R, R)`` tiles at rank 32, four below.
+def _launch_options(block_r: int) -> dict[str, int]:
+    """Launch options: four warps for the broadcast chain (rank block 16); eight warps, one pipelining stage and
+    up to 255 registers for the matrix-product chain (rank blocks 32 and 64).
 
-    At rank 32 on sm_90 ptxas spills 0-24 bytes per thread with eight warps, up to 864 with four.
+    On sm_90 ptxas spills the broadcast chain's ``(BLOCK_H, 32, 32)`` tiles from four cores on, and the
+    matrix-product chain with more pipelining stages or its default register cap.
     """
-    return 8 if block_r >= 32 else 4
+    if block_r >= _DOT_CHAIN_RANK.value:
+        return {"num_warps": 8, "num_stages": 1, "maxnreg": _MAX_REGISTERS}
+    return {"num_warps": 4}
+
+
+def _precision(block_r: int) -> str:
+    """Products in fp32 FMA (``ieee``) up to rank block 32; at 64 on tensor cores as ``tf32x3`` (three TF32 products,
+    about fp32 accuracy), whose register tiles fit where the ``ieee`` ones with a 64-long reduction spill (backward,
+    four or more cores)."""
+    return "tf32x3" if block_r >= 64 else "ieee"
 
 
 def _metadata(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -322,7 +316,7 @@ def _metadata_table(shapes: tuple[tuple[int, int, int, int], ...], device: torch
     return torch.tensor(table, dtype=torch.int64, device=device)
 
 
-def _forward(
+def tt_forward(
     ids: torch.Tensor,
     bounds: torch.Tensor | None,
     weights: torch.Tensor | None,
@@ -353,12 +347,13 @@ def _forward(
         BLOCK_H=block_h,
         BLOCK_R=block_r,
         BLOCK_B=block_b,
-        num_warps=_num_warps(block_r),
+        PRECISION=_precision(block_r),
+        **_launch_options(block_r),
     )
     return out
 
 
-def _backward(
+def tt_backward(
     ids: torch.Tensor,
     grad: torch.Tensor,
     cores: Sequence[torch.Tensor],
@@ -394,7 +389,8 @@ def _backward(
         BLOCK_R=block_r,
         BLOCK_B=block_b,
         BLOCK_N=block_n,
-        num_warps=_num_warps(block_r),
+        PRECISION=_precision(block_r),
+        **_launch_options(block_r),
     )
     contrib = contrib[:, 0] if head_blocks == 1 else contrib.sum(1)
     digits = mixed_radix_digits(slots.slot_ids, tuple(core.shape[1] for core in cores))
@@ -407,67 +403,34 @@ def _backward(
     return grads
 
 
-class _TTGatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ids: torch.Tensor, cols: int, *cores: torch.Tensor) -> torch.Tensor:
-        flat_ids = ids.reshape(-1).contiguous()
-        ctx.save_for_backward(flat_ids, *cores)
-        ctx.cols = cols
-        return _forward(flat_ids, None, None, cores, cols, mean=False).reshape(*ids.shape, cols)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        flat_ids, *cores = ctx.saved_tensors
-        return (None, None, *_backward(flat_ids, grad_out.reshape(len(flat_ids), ctx.cols), cores))
-
-
-class _TTEmbeddingBag(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        ids: torch.Tensor,
-        bounds: torch.Tensor,
-        weights: torch.Tensor | None,
-        cols: int,
-        mean: bool,
-        *cores: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(ids, bounds, weights, *cores)
-        ctx.cols, ctx.mean = cols, mean
-        return _forward(ids, bounds, weights, cores, cols, mean)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        ids, bounds, weights, *cores = ctx.saved_tensors
-        if len(bounds) == 1:  # no bags: the output does not depend on the inputs
-            weights_grad = torch.zeros_like(weights) if weights is not None else None
-            return (None, None, weights_grad, None, None, *(torch.zeros_like(core) for core in cores))
-        positions = torch.arange(len(ids), device=ids.device, dtype=bounds.dtype)
-        bag_of = torch.searchsorted(bounds, positions, right=True) - 1
-        grad_out = grad_out.contiguous()
-        scale = weights
-        if ctx.mean:
-            counts = (bounds[1:] - bounds[:-1]).clamp(min=1)
-            scale = 1.0 / counts.to(torch.float32)[bag_of]
-        core_grads = _backward(ids, grad_out, cores, grad_rows=bag_of, scale=scale)
-        weights_grad = None
-        if weights is not None and ctx.needs_input_grad[2]:
-            rows = _forward(ids, None, None, cores, ctx.cols, mean=False).float()
-            weights_grad = (rows * grad_out[bag_of].float()).sum(-1).to(weights.dtype)
-        return (None, None, weights_grad, None, None, *core_grads)
+def tt_bag_backward(
+    ids: torch.Tensor, bounds: torch.Tensor, weights: torch.Tensor | None, grad: torch.Tensor,
+    cores: Sequence[torch.Tensor], mean: bool,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Core gradients of the bags pooled over ``[bounds[b], bounds[b + 1])`` given their gradient ``grad``."""
+    if len(bounds) == 1:  # no bags: the output does not depend on the cores
+        return [torch.zeros_like(core) for core in cores]
+    positions = torch.arange(len(ids), device=ids.device, dtype=bounds.dtype)
+    bag_of = torch.searchsorted(bounds, positions, right=True) - 1
+    scale = weights
+    if mean:
+        counts = (bounds[1:] - bounds[:-1]).clamp(min=1)
+        scale = 1.0 / counts.to(torch.float32)[bag_of]
+    return tt_backward(ids, grad.contiguous(), cores, grad_rows=bag_of, scale=scale)
 
 
 def tt_gather_rows_triton(ids: torch.Tensor, cores: Sequence[torch.Tensor], cols: int) -> torch.Tensor:
-    """Triton ``tt_gather_rows``: TT rows ``W[ids]``, shape ``(*ids.shape, cols)``.
+    """Triton ``tt_gather_rows``: TT rows ``W[ids]``, shape ``(*ids.shape, cols)``, differentiable with respect to
+    the cores (the ``kron_transformers::tt_gather_rows`` custom op).
 
     Ids must lie in ``[0, prod m_k)`` (not checked on the device, to avoid a host sync).
     """
-    problem = _check(ids, cores, cols)
+    from .library_ops import tt_gather_rows
+
+    problem = tt_rows_problem(ids, cores, cols)
     if problem is not None:
         raise ValueError(f"tt_gather_rows_triton: {problem}.")
-    return _TTGatherRows.apply(ids, cols, *cores)
+    return tt_gather_rows(ids, cores, cols)
 
 
 def tt_embedding_bag_triton(
@@ -483,14 +446,11 @@ def tt_embedding_bag_triton(
     Bag ``b`` holds ``ids[offsets[b]:offsets[b + 1]]`` (the last one runs to the end; ``offsets[0]``
     must be 0 and offsets non-decreasing, not checked on the device); 2-d ``ids`` without offsets
     are one bag per row. ``mode="sum"`` takes optional ``per_sample_weights``; an empty bag is zeros.
+    Differentiable with respect to the cores and the weights (the ``kron_transformers::tt_embedding_bag`` op).
     """
-    problem = _check_bag(ids, offsets, per_sample_weights, cores, cols, mode)
+    from .library_ops import tt_embedding_bag
+
+    problem = tt_bag_problem(ids, offsets, per_sample_weights, cores, cols, mode)
     if problem is not None:
         raise ValueError(f"tt_embedding_bag_triton: {problem}.")
-    if offsets is None:
-        bags, bag_size = ids.shape
-        offsets = torch.arange(bags, device=ids.device) * bag_size
-    flat_ids = ids.reshape(-1).contiguous()
-    bounds = torch.cat([offsets.to(torch.int64), offsets.new_full((1,), len(flat_ids), dtype=torch.int64)])
-    weights = per_sample_weights.reshape(-1).contiguous() if per_sample_weights is not None else None
-    return _TTEmbeddingBag.apply(flat_ids, bounds, weights, cols, mode == "mean", *cores)
+    return tt_embedding_bag(ids, offsets, per_sample_weights, cores, cols, mode)

@@ -86,6 +86,10 @@ def check_ids(owner: str, ids: torch.Tensor, num_embeddings: int) -> None:
     """Raise for non-integer ids or ids outside ``[0, num_embeddings)`` (one host sync on GPU)."""
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{owner}: input must hold int32/int64 ids, got {ids.dtype}")
+    if torch.compiler.is_compiling():  # no host sync in a compiled graph: a device-side assertion instead
+        in_range = ((ids >= 0) & (ids < num_embeddings)).all()
+        torch._assert_async(in_range, f"{owner}: ids must be in [0, {num_embeddings})")
+        return
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
         raise ValueError(
             f"{owner}: ids must be in [0, {num_embeddings}), got values in [{int(ids.min())}, {int(ids.max())}]"
