@@ -9,12 +9,12 @@ checkpoint size, the largest shard, the compressed model's size and the load tim
 peak RSS <= 1.5 x compressed size + largest dense shard. A small model of the same layout checks
 that streaming gives exactly the tensors of load-then-``compress_model``.
 
-    python benchmarks/streaming.py                          # about 2B parameters, init="random"
-    python benchmarks/streaming.py --preset 150M --init svd  # the library's SVD init at smaller dims
+    python benchmarks/streaming.py                # about 2B parameters, init="random"
+    python benchmarks/streaming.py --init svd     # the SVD init (randomized SVD at these sizes and rank 8)
+    python benchmarks/streaming.py --preset 150M  # a smaller model
 
-The library's SVD init of a 2560 x 2560 Shapeshifter layer takes about 30 s on one core of the
-benchmark machine (a full SVD of the rearranged matrix), so the 2B run uses ``init="random"``
-(which reads each dense tensor only for its standard deviation) unless ``--init svd`` is given.
+``init="random"`` reads each dense tensor only for its standard deviation; ``init="svd"`` factorizes it
+(at rank 8 the 2B model's rearranged matrices take ``decompositions.randomized_svd``).
 """
 
 from __future__ import annotations

@@ -35,9 +35,12 @@ def rearrange(weight: torch.Tensor, factor_shapes: tuple[tuple[int, int], ...]) 
     order = len(factor_shapes)
     rows_sizes = [a for a, _ in factor_shapes]
     col_sizes = [b for _, b in factor_shapes]
-    padded = weight.new_zeros(math.prod(rows_sizes), math.prod(col_sizes))
-    padded[: weight.shape[0], : weight.shape[1]] = weight
-    tensor = padded.reshape(*rows_sizes, *col_sizes)
+    full_shape = (math.prod(rows_sizes), math.prod(col_sizes))
+    if tuple(weight.shape) != full_shape:
+        padded = weight.new_zeros(full_shape)
+        padded[: weight.shape[0], : weight.shape[1]] = weight
+        weight = padded
+    tensor = weight.reshape(*rows_sizes, *col_sizes)
     permutation = [axis for j in range(order) for axis in (j, order + j)]
     return tensor.permute(permutation).reshape(*(a * b for a, b in factor_shapes))
 
@@ -51,7 +54,7 @@ def nearest_kronecker_sum(
     factor shapes pad the matrix, the padded entries are fitted as zeros (optimal for the
     zero-padded matrix; an upper bound for the cropped one). Computed in float64.
     """
-    tensor = rearrange(weight.to(torch.float64), factor_shapes)
+    tensor = rearrange(weight, factor_shapes).to(torch.float64)  # moved in the weight's dtype: one float64 copy
     if len(factor_shapes) == 2:
         vectors = truncated_svd_factors(tensor, rank)
     else:
