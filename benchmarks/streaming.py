@@ -151,6 +151,11 @@ def child(folder: str, init: str, rank: int, load: bool) -> None:
         tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
         result["compressed_bytes"] = sum(t.nbytes for t in tensors.values())
         result["compressed_parameters"] = sum(p.numel() for p in model.parameters())
+        result["peak_rss_loading"] = peak_rss()
+        # the tensors loaded as they are (embeddings, head, norms) stay memory-mapped views of the checkpoint
+        # files, resident only once read: read every tensor so the peak counts the whole compressed model
+        for tensor in tensors.values():
+            tensor.sum()
         result["peak_rss"] = peak_rss()
         peaks = sampler.stop()
         result["peak_anonymous"], result["peak_file_backed"] = peaks["RssAnon"], peaks["RssFile"]
@@ -227,14 +232,16 @@ def main() -> None:
     )
     print()
     print(
-        "| preset | init | dense (GB) | largest shard (GB) | compressed (GB) | peak RSS (GB) | peak anonymous (GB) "
+        "| preset | init | dense (GB) | largest shard (GB) | compressed (GB) | peak RSS loading (GB) "
+        "| peak RSS, every tensor read (GB) | peak anonymous (GB) "
         "| peak file-backed (GB) | imports only (GB) | goal: 1.5x compressed + shard (GB) | within goal "
         "| load + compress (s) | identical to load-then-compress |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     print(
         f"| {args.preset} | {args.init} | {dense / gb:.2f} | {largest / gb:.2f} | {compressed / gb:.3f} "
-        f"| {result['peak_rss'] / gb:.2f} | {result['peak_anonymous'] / gb:.2f} "
+        f"| {result['peak_rss_loading'] / gb:.2f} | {result['peak_rss'] / gb:.2f} "
+        f"| {result['peak_anonymous'] / gb:.2f} "
         f"| {result['peak_file_backed'] / gb:.2f} | {baseline['baseline_rss'] / gb:.2f} | {budget / gb:.2f} "
         f"| {'yes' if result['peak_rss'] <= budget else 'no'} "
         f"| {result['seconds']:.0f} | {'yes' if identical else 'NO'} |"
