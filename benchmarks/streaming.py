@@ -3,7 +3,8 @@
 Writes a Llama-style dense checkpoint (random bf16 weights, sharded safetensors; nothing is
 downloaded) into a temporary folder, then loads it in a fresh child process with
 ``LlamaForCausalLM.from_pretrained(folder, quantization_config=KronConfig(attention=Shapeshifter,
-ffn=Shapeshifter), dtype=bfloat16)`` and reports the child's peak resident set (``VmHWM``), the
+ffn=Shapeshifter), dtype=bfloat16)`` and reports the child's peak resident set (``VmHWM``) when loading
+returns and again after reading every tensor (the uncompressed ones stay memory-mapped until read), the
 resident set of the same imports without loading (the interpreter, torch, transformers), the dense
 checkpoint size, the largest shard, the compressed model's size and the load time. The goal is
 peak RSS <= 1.5 x compressed size + largest dense shard. A small model of the same layout checks

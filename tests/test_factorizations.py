@@ -16,6 +16,7 @@ from kron_transformers.factorizations import (
     build_factorization,
     decompositions,
 )
+from kron_transformers.factorizations import base as factorization_base
 from kron_transformers.factorizations.decompositions import (
     randomized_svd,
     rearrange,
@@ -309,3 +310,11 @@ def test_only_large_low_rank_problems_take_the_randomized_svd(monkeypatch):
     u, s, vh = randomized_svd(matrix, 6)
     torch.testing.assert_close(left, (u * s.sqrt()).T, rtol=0, atol=0)
     torch.testing.assert_close(right, vh * s.sqrt()[:, None], rtol=0, atol=0)
+
+
+def test_relative_error_in_row_blocks_equals_the_whole_matrix_formula(monkeypatch):
+    monkeypatch.setattr(factorization_base, "RELATIVE_ERROR_BLOCK", 25)  # 2 rows of 13 per block, 5 blocks
+    factorization = randomize(KroneckerSum(9, 13, ((3, 13), (3, 1)), rank=2).double(), seed=4)
+    weight = torch.randn(9, 13)
+    expected = (weight.double() - factorization.materialize()).norm() / weight.double().norm()
+    assert factorization.relative_error(weight) == pytest.approx(float(expected), rel=1e-12)
