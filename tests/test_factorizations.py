@@ -14,8 +14,15 @@ from kron_transformers.factorizations import (
     Word2KetFactorization,
     balanced_factor_shapes,
     build_factorization,
+    decompositions,
 )
-from kron_transformers.factorizations.decompositions import rearrange
+from kron_transformers.factorizations import base as factorization_base
+from kron_transformers.factorizations.decompositions import (
+    randomized_svd,
+    rearrange,
+    truncated_svd_factors,
+    uses_randomized_svd,
+)
 from kron_transformers.factorizations.shapes import validate_factor_shapes
 from kron_transformers.kernels import kron_gather_rows, kron_materialize, kron_matmul, mixed_radix_digits
 
@@ -270,3 +277,44 @@ def test_mixed_radix_digits_are_most_significant_first():
     digits = mixed_radix_digits(ids, (2, 3, 4))
     torch.testing.assert_close(digits[0] * 12 + digits[1] * 4 + digits[2], ids)
     assert digits[0].tolist() == [0] * 12 + [1] * 12
+
+
+def _decaying_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A float64 matrix with singular values ``1/k`` (a weight-like, slowly decaying spectrum)."""
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(cols, cols, dtype=torch.float64, generator=generator)).Q
+    return (left / torch.arange(1, cols + 1, dtype=torch.float64)) @ right.T
+
+
+def test_randomized_svd_is_near_optimal_deterministic_and_leaves_the_global_rng_alone():
+    matrix = _decaying_matrix(300, 120, seed=0)
+    state = torch.get_rng_state()
+    u, s, vh = randomized_svd(matrix, 6)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip((u, s, vh), randomized_svd(matrix, 6)))
+    exact = torch.linalg.svdvals(matrix)
+    torch.testing.assert_close(s, exact[:6], rtol=1e-8, atol=0)
+    error = float((matrix - (u * s) @ vh).norm())
+    assert error == pytest.approx(float(exact[6:].norm()), rel=1e-8)
+
+
+def test_only_large_low_rank_problems_take_the_randomized_svd(monkeypatch):
+    assert not uses_randomized_svd(torch.empty(1024, 1024), 8)  # below the size threshold: exact
+    assert uses_randomized_svd(torch.empty(4096, 1600), 8)
+    assert not uses_randomized_svd(torch.empty(4096, 1600), 200)  # rank too large against min(shape)
+    assert not uses_randomized_svd(torch.empty(2, 4096, 1600), 8)  # batched problems stay exact
+    monkeypatch.setattr(decompositions, "RANDOMIZED_SVD_MIN_ELEMENTS", 300 * 120)
+    matrix = _decaying_matrix(300, 120, seed=1)
+    left, right = truncated_svd_factors(matrix, 6)
+    u, s, vh = randomized_svd(matrix, 6)
+    torch.testing.assert_close(left, (u * s.sqrt()).T, rtol=0, atol=0)
+    torch.testing.assert_close(right, vh * s.sqrt()[:, None], rtol=0, atol=0)
+
+
+def test_relative_error_in_row_blocks_equals_the_whole_matrix_formula(monkeypatch):
+    monkeypatch.setattr(factorization_base, "RELATIVE_ERROR_BLOCK", 25)  # 2 rows of 13 per block, 5 blocks
+    factorization = randomize(KroneckerSum(9, 13, ((3, 13), (3, 1)), rank=2).double(), seed=4)
+    weight = torch.randn(9, 13)
+    expected = (weight.double() - factorization.materialize().detach()).norm() / weight.double().norm()
+    assert factorization.relative_error(weight) == pytest.approx(float(expected), rel=1e-12)

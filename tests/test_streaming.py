@@ -107,6 +107,24 @@ def test_mapped_checkpoint_pages_are_released(tmp_path):
         for key in handle.keys():
             handle.get_tensor(key)
         streaming.release_mapped_pages([path])  # must not disturb later reads of the mapping
+        streaming.release_freed_heap()
         again = {key: handle.get_tensor(key) for key in handle.keys()}
     expected = load_file(path)
     assert all(torch.equal(again[key], value) for key, value in expected.items())
+
+
+def test_the_freed_heap_is_returned_after_every_consumed_tensor(dense_llama, monkeypatch):
+    calls = {"consumed": 0, "released": 0}
+    original = streaming.StreamingCompression.consume
+
+    def consume(self, name, tensor):
+        calls["consumed"] += 1
+        return original(self, name, tensor)
+
+    def release() -> None:
+        calls["released"] += 1
+
+    monkeypatch.setattr(streaming.StreamingCompression, "consume", consume)
+    monkeypatch.setattr(streaming, "release_freed_heap", release)
+    _streamed(dense_llama, "llama", METHODS["shapeshifter"]())
+    assert calls["released"] == calls["consumed"] > 0

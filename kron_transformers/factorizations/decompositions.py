@@ -35,9 +35,12 @@ def rearrange(weight: torch.Tensor, factor_shapes: tuple[tuple[int, int], ...]) 
     order = len(factor_shapes)
     rows_sizes = [a for a, _ in factor_shapes]
     col_sizes = [b for _, b in factor_shapes]
-    padded = weight.new_zeros(math.prod(rows_sizes), math.prod(col_sizes))
-    padded[: weight.shape[0], : weight.shape[1]] = weight
-    tensor = padded.reshape(*rows_sizes, *col_sizes)
+    full_shape = (math.prod(rows_sizes), math.prod(col_sizes))
+    if tuple(weight.shape) != full_shape:
+        padded = weight.new_zeros(full_shape)
+        padded[: weight.shape[0], : weight.shape[1]] = weight
+        weight = padded
+    tensor = weight.reshape(*rows_sizes, *col_sizes)
     permutation = [axis for j in range(order) for axis in (j, order + j)]
     return tensor.permute(permutation).reshape(*(a * b for a, b in factor_shapes))
 
@@ -51,7 +54,7 @@ def nearest_kronecker_sum(
     factor shapes pad the matrix, the padded entries are fitted as zeros (optimal for the
     zero-padded matrix; an upper bound for the cropped one). Computed in float64.
     """
-    tensor = rearrange(weight.to(torch.float64), factor_shapes)
+    tensor = rearrange(weight, factor_shapes).to(torch.float64)  # moved in the weight's dtype: one float64 copy
     if len(factor_shapes) == 2:
         vectors = truncated_svd_factors(tensor, rank)
     else:
@@ -62,9 +65,14 @@ def nearest_kronecker_sum(
 def truncated_svd_factors(matrix: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """``matrix ≈ sum_k u_k v_k^T`` as two ``(rank, dim)`` arrays, each scaled by ``sqrt(sigma_k)``.
 
-    Ranks beyond ``min(matrix.shape)`` get zero vectors (they contribute nothing).
+    Ranks beyond ``min(matrix.shape)`` get zero vectors (they contribute nothing). A large matrix whose
+    rank is small against its dimensions (``uses_randomized_svd``) takes the randomized SVD instead of
+    the exact one; every smaller problem is solved exactly.
     """
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if uses_randomized_svd(matrix, rank):
+        u, s, vh = randomized_svd(matrix, rank)
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     kept = min(rank, s.shape[-1])
     root = s[..., :kept].sqrt()
     left = matrix.new_zeros(*matrix.shape[:-2], rank, matrix.shape[-2])
@@ -72,6 +80,42 @@ def truncated_svd_factors(matrix: torch.Tensor, rank: int) -> list[torch.Tensor]
     left[..., :kept, :] = (u[..., :, :kept] * root[..., None, :]).transpose(-1, -2)
     right[..., :kept, :] = vh[..., :kept, :] * root[..., :, None]
     return [left, right]
+
+
+RANDOMIZED_SVD_MIN_ELEMENTS = 2**22  # e.g. 2048 x 2048: below this the exact SVD takes about a second or less
+RANDOMIZED_SVD_MAX_RANK_FRACTION = 1 / 16  # the sketch (2 rank + 16 columns) stays a small fraction of min(shape)
+RANDOMIZED_SVD_POWER_ITERATIONS = 4
+
+
+def uses_randomized_svd(matrix: torch.Tensor, rank: int) -> bool:
+    """Whether ``truncated_svd_factors`` solves this (unbatched) problem with ``randomized_svd``."""
+    return (
+        matrix.dim() == 2
+        and matrix.numel() >= RANDOMIZED_SVD_MIN_ELEMENTS
+        and rank <= RANDOMIZED_SVD_MAX_RANK_FRACTION * min(matrix.shape)
+    )
+
+
+def randomized_svd(matrix: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` singular triplets of a 2-D ``matrix`` by a randomized range finder.
+
+    Halko, Martinsson and Tropp, "Finding structure with randomness" (algorithms 4.4 and 5.1): the range
+    of ``(M M^T)^q M Omega`` for a Gaussian ``Omega`` with ``2 rank + 16`` columns, re-orthonormalized
+    after every product, then the exact SVD of ``Q^T M``. ``q = 4`` power iterations. The sketch is drawn
+    from its own generator (``seed``), so the result is deterministic and the global RNG is not touched.
+    Measured against the exact truncation (benchmarks/RESULTS.md, 2560 x 2560 and 4096 x 4320, rank 8 and 64):
+    Frobenius error at most 0.2% above the optimum on flat (Gaussian) spectra, 1e-8 on a ``1/k`` spectrum;
+    10 to 55 times faster.
+    """
+    rows, cols = matrix.shape
+    width = min(2 * rank + 16, rows, cols)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    sketch = torch.randn(cols, width, generator=generator, dtype=matrix.dtype, device=matrix.device)
+    basis = torch.linalg.qr(matrix @ sketch).Q
+    for _ in range(RANDOMIZED_SVD_POWER_ITERATIONS):
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return (basis @ u)[:, :rank], s[:rank], vh[:rank]
 
 
 def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:

