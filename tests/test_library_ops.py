@@ -1,7 +1,8 @@
 """The fused Kronecker-sum linear as ``torch.library`` custom ops: schema, fake tensors, autograd, and
 ``torch.compile(fullgraph=True)`` tracing the op (not the PyTorch path) where the kernels apply.
 
-On CPU the ops run their Triton kernels under ``TRITON_INTERPRET=1`` (tests/conftest.py).
+On CPU the ops run their Triton kernels under ``TRITON_INTERPRET=1`` (tests/conftest.py); on a GPU machine
+(``benchmarks/gpu_check.sh``) the same tests run on CUDA tensors, so the compiled graphs trace the real kernels.
 """
 
 from __future__ import annotations
@@ -18,22 +19,23 @@ pytest.importorskip("triton")
 
 KRON_LINEAR = torch.ops.kron_transformers.kron_linear.default
 GRAD_FACTORS = torch.ops.kron_transformers.kron_linear_grad_factors.default
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def factors(rank=2, a1=3, b1=5, a2=4, b2=3, scale=True, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    a = torch.randn(rank, a1, b1, generator=generator, requires_grad=True)
-    b = torch.randn(rank, a2, b2, generator=generator, requires_grad=True)
-    s = torch.randn(a1, b1, generator=generator, requires_grad=True) if scale else None
+    a = torch.randn(rank, a1, b1, generator=generator).to(DEVICE).requires_grad_()
+    b = torch.randn(rank, a2, b2, generator=generator).to(DEVICE).requires_grad_()
+    s = torch.randn(a1, b1, generator=generator).to(DEVICE).requires_grad_() if scale else None
     return a, b, s
 
 
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_opcheck_schema_fake_and_autograd_registration(with_scale):
     a, b, s = factors(scale=with_scale)
-    x = torch.randn(2, 3, 14, requires_grad=True)
+    x = torch.randn(2, 3, 14, device=DEVICE, requires_grad=True)
     torch.library.opcheck(KRON_LINEAR, (x, a, b, s, 11, None, None))
-    dy = torch.randn(6, 11)
+    dy = torch.randn(6, 11, device=DEVICE)
     scale = s.detach() if s is not None else None
     torch.library.opcheck(GRAD_FACTORS, (x.detach().reshape(6, 14), dy, a.detach(), b.detach(), scale, None))
 
@@ -71,14 +73,15 @@ def graphs_of(function, *inputs):
     lambda: KPDLinear(15, 12, rank=2, block_size=(4, 3)),
 ])  # fmt: skip
 def test_compiled_layers_call_the_custom_op_when_the_kernels_apply(make_layer, monkeypatch):
-    """With the kernels allowed (CUDA; here the interpreter with the backend forced) the compiled graph holds
-    ``kron_transformers.kron_linear``, and forward and gradients equal the eager PyTorch path."""
+    """With the kernels allowed (CUDA tensors; on CPU the interpreter with the backend forced) the compiled graph
+    holds ``kron_transformers.kron_linear``, and forward and gradients equal the eager PyTorch path."""
     torch.manual_seed(0)
     layer = make_layer()
     if isinstance(layer, KPDLinear):
         with torch.no_grad():
             layer.factorization.s.normal_()
-    x = torch.randn(4, 15, requires_grad=True)
+    layer = layer.to(DEVICE)
+    x = torch.randn(4, 15, device=DEVICE, requires_grad=True)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
     expected = layer(x)
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()])
@@ -106,4 +109,4 @@ def test_compiled_cpu_model_traces_the_pytorch_path_by_default(monkeypatch):
 def test_kron_linear_checks_its_arguments():
     a, b, _ = factors(scale=False)
     with pytest.raises(ValueError, match="kron_linear: input has 16 features but the factors take at most"):
-        library_ops.kron_linear(torch.randn(1, 16), a, b, 6)
+        library_ops.kron_linear(torch.randn(1, 16, device=DEVICE), a, b, 6)
