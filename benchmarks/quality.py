@@ -62,7 +62,7 @@ SHAPESHIFTER = {
     "ffn": {"method": "Shapeshifter", "rank": 16},
     "init": "random",
 }
-TRANSLATION_STEPS, TRANSLATION_EVAL = 2000, 400
+TRANSLATION_STEPS, TRANSLATION_EVAL = 1200, 300
 
 # Summarization: AESLC.
 SUMMARY_T5 = dict(d_model=256, d_kv=64, d_ff=1024, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.1)
@@ -155,8 +155,8 @@ def translation_runs(data: Path, fraction: float, cap: int | None) -> list[Run]:
         "--train_file", str(folder / "train"), "--validation_file", str(folder / "val"),
         "--test_file", str(folder / "test_2016_flickr"), "--source_lang", "de", "--target_lang", "en",
         "--model_config", "t5", "--tokenizer_vocab_size", str(VOCAB), "--group_by_length",
-        "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "200", "--learning_rate", "8e-4",
-        "--lr_scheduler", "linear", "--warmup_steps", "300", "--label_smoothing", "0.1",
+        "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "200", "--optimizer", "lamb",
+        "--learning_rate", "1e-2", "--lr_scheduler", "linear", "--warmup_steps", "100", "--label_smoothing", "0.1",
         "--max_source_length", "48", "--max_target_length", "48", "--generation_max_length", "48",
         *schedule(TRANSLATION_STEPS, TRANSLATION_EVAL, cap),
         *sample_limits({"train": 29000, "validation": 1014, "test": 1000}, fraction),
