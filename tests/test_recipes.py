@@ -28,7 +28,7 @@ sys.path.insert(0, str(RECIPES))
 import image_classification  # noqa: E402
 import summarization  # noqa: E402
 import translation  # noqa: E402
-from recipe_kit import builtin  # noqa: E402
+from recipe_kit import builtin, loop  # noqa: E402
 from recipe_kit.arguments import DataArguments  # noqa: E402
 from recipe_kit.data import read_image_source, read_text_file  # noqa: E402
 from recipe_kit.errors import RecipeError, run_main  # noqa: E402
@@ -84,6 +84,19 @@ def test_validation_during_training_restores_the_best_weights_before_the_test(tm
     best = max(validation, key=lambda record: record["validation_bleu"])  # the first of equal scores wins
     assert results["best_step"] == best["step"] and results["validation"] == {"bleu": best["validation_bleu"]}
     assert results["validation_evaluations"] == 3 and results["stopped_early"] is False
+
+
+def test_without_a_test_split_the_best_validation_scores_are_the_final_metrics(tmp_path, monkeypatch):
+    """The restored best weights were already scored on the validation split: no second evaluation of it."""
+    splits = []
+    evaluate = loop._evaluate
+    monkeypatch.setattr(loop, "_evaluate", lambda *args: splits.append(args[-1]) or evaluate(*args))
+    images, labels, classes = builtin.images(size=300)["train"]
+    np.savez(tmp_path / "train.npz", images=images, labels=labels, classes=np.array(classes))
+    arguments = ["--train_file", str(tmp_path / "train.npz"), "--max_steps", "4", "--eval_steps", "2"]
+    results = image_classification.main([*IMAGES, *arguments, "--output_dir", str(tmp_path / "out")])
+    assert results["eval_split"] == "validation" and splits == ["validation", "validation"]
+    assert results["metrics"] == {"validation_accuracy": results["validation"]["accuracy"]}
 
 
 def test_early_stopping_counts_evaluations_without_improvement_and_restores_the_best():

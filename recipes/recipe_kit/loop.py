@@ -267,7 +267,11 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
     if args.eval_steps and watch.last_step != completed:  # the last steps were not validated yet
         watch.update(completed, _evaluate(task, model, validation_loader, accelerator, "validation"), unwrapped)
     watch.restore_best(unwrapped)
-    metrics = _prefixed(task.eval_split, _evaluate(task, model, eval_loader, accelerator, task.eval_split))
+    if task.eval_split == "validation" and watch.best_scores is not None:
+        final_scores = watch.best_scores  # the restored weights were scored on this very split already
+    else:
+        final_scores = _evaluate(task, model, eval_loader, accelerator, task.eval_split)
+    metrics = _prefixed(task.eval_split, final_scores)
     results = {
         "task": task.name,
         "compression": arguments.preset.name,
@@ -302,6 +306,7 @@ class EarlyStopping:
         self.patience, self.stale, self.stop = patience, 0, False
         self.best_score, self.best_step, self.last_step = -math.inf, None, None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_scores: dict[str, float] | None = None
         self.evaluations = 0
 
     def update(self, step: int, scores: dict[str, float], model: nn.Module) -> None:
@@ -341,7 +346,7 @@ def _kpd_summary(model: nn.Module) -> dict[str, Any]:
         "kpd": {
             "block_sparsity": zero_blocks / blocks,
             "inference_nonzeros": sum(layer.inference_nonzeros for layer in kt.kpd.layer_report(model)),
-            "dense_entries": sum(f.materialize().numel() for f in factorizations.values()),
+            "dense_entries": sum(f.rows * f.cols for f in factorizations.values()),
         }
     }
 
