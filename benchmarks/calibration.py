@@ -3,7 +3,7 @@
 Every encoder linear (attention and FFN roles) is compressed by each method at each per-matrix compression
 ratio, once with ``init="svd"`` and once with ``init="calibrated"`` (the two alternate within each round, so
 machine load hits both alike; the ratio column is the median per-round calibrated/svd time). Per row: the
-compress times, the mean weighted output error ``||(W - W_hat) C^(1/2)|| / ||W C^(1/2)||`` over the layers,
+compress times, the mean relative output error of the layers on the calibration inputs (bias included),
 the mean cosine of mean-pooled sentence embeddings against the dense model on held-out sentences, and the
 peak resident memory above the process's size before the call. One run, one table.
 
@@ -133,12 +133,17 @@ def timed_with_peak_memory(function):
 
 @torch.no_grad()
 def mean_weighted_error(model, dense, stats: kt.CalibrationStats) -> float:
+    """The mean over compressed layers of the affine output error ``sqrt(E||(W x + b) - (W_hat x + b_hat)||^2 /
+    E||W x||^2)`` on the calibration inputs (a calibrated init moves the bias; an svd init does not)."""
     errors = []
     for name in kt.applied_config(model).modules:
         second_moment = stats.second_moment(name)
         if second_moment is not None:
-            dense_weight = dense.get_submodule(name).weight
-            errors.append(weighted_error(dense_weight, model.get_submodule(name).weight, second_moment))
+            dense_layer, layer = dense.get_submodule(name), model.get_submodule(name)
+            bias_difference = None if dense_layer.bias is None else dense_layer.bias - layer.bias
+            errors.append(
+                weighted_error(dense_layer.weight, layer.weight, second_moment, bias_difference, stats.mean(name))
+            )
     return sum(errors) / len(errors)
 
 

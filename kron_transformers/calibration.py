@@ -1,9 +1,9 @@
 """``kt.calibrate``: input statistics of every linear and embedding layer, for ``init="calibrated"``.
 
-For each ``nn.Linear`` / ``Conv1D`` the running second moment ``C = (1/T) sum_t x_t x_t^T`` of its inputs is
-accumulated in float64 on the model's device (memory ``in_features^2`` per layer, independent of the
-amount of data); for each ``nn.Embedding``, how often each row is looked up (the embedding's input
-statistic). Hooks are removed afterwards, even on error.
+For each ``nn.Linear`` / ``Conv1D`` the running second moment ``C = (1/T) sum_t x_t x_t^T`` and mean
+``mu = (1/T) sum_t x_t`` of its inputs are accumulated in float64 on the model's device (memory ``in_features^2``
+per layer, independent of the amount of data); for each ``nn.Embedding``, how often each row is looked up (the
+embedding's input statistic). Hooks are removed afterwards, even on error.
 """
 
 from __future__ import annotations
@@ -19,17 +19,25 @@ from .roles import is_linear
 
 @dataclass
 class CalibrationStats:
-    """Per-layer input second moments ``C`` (``in x in``, float64) and the number of input rows seen."""
+    """Per-layer sums of input outer products (``in x in``) and of inputs (``in``), float64, and the number of
+    input rows seen."""
 
     second_moments: dict[str, torch.Tensor] = field(default_factory=dict)
     rows_seen: dict[str, int] = field(default_factory=dict)
     token_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    first_moments: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def second_moment(self, name: str) -> torch.Tensor | None:
         """``E[x x^T]`` for the named layer, or None if it never ran."""
         if name not in self.second_moments or self.rows_seen[name] == 0:
             return None
         return self.second_moments[name] / self.rows_seen[name]
+
+    def mean(self, name: str) -> torch.Tensor | None:
+        """``E[x]`` for the named layer, or None if it never ran (or the statistics were gathered without it)."""
+        if name not in self.first_moments or self.rows_seen.get(name, 0) == 0:
+            return None
+        return self.first_moments[name] / self.rows_seen[name]
 
     def token_frequency(self, name: str) -> torch.Tensor | None:
         """How often each row of the named embedding was looked up (sums to 1), or None."""
@@ -59,8 +67,10 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
             inputs = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             if name not in stats.second_moments:
                 stats.second_moments[name] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
+                stats.first_moments[name] = inputs.new_zeros(inputs.shape[1])
                 stats.rows_seen[name] = 0
             stats.second_moments[name] += inputs.T @ inputs
+            stats.first_moments[name] += inputs.sum(0)
             stats.rows_seen[name] += inputs.shape[0]
 
         return hook

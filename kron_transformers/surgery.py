@@ -80,6 +80,7 @@ class _Plan:
     init_used: str | None = None  # "svd", "random", "calibrated", or "svd" with the reason calibrated was not
     output_error: float | None = None  # ||(W - W_hat) C^(1/2)|| / ||W C^(1/2)|| when calibration data was given
     output_error_start: float | None = None  # the same for the K-FAC start, before ALS refinement
+    bias_shift: torch.Tensor | None = None  # (W - W_hat) mu, added to the bias by a calibrated init
 
 
 def _class_path(module: nn.Module) -> str:
@@ -247,7 +248,12 @@ def _initialize(
     """Fill ``factorization`` by ``init``. ``calibrated`` weights linears by their input second moment and
     embeddings by token frequency; it falls back to ``svd`` (recording why) where no weighted solver
     exists (word2ket with LayerNorm, order > 2 embeddings, order > 2 linears whose ALS operands would pass the
-    memory bound) or the layer saw no calibration input."""
+    memory bound) or the layer saw no calibration input.
+
+    A linear with a bias is fitted on its input covariance ``C - mu mu^T`` and its bias then absorbs the mean
+    of the error, ``b' = b + (W - W_hat) mu`` (``plan.bias_shift``): the output error
+    ``E||(W x + b) - (W_hat x + b')||^2 = tr(D (C - mu mu^T) D^T)`` is never above the uncentred fit's
+    ``tr(D C D^T)``."""
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(
@@ -256,17 +262,21 @@ def _initialize(
         )
     second_moment = stats.second_moment(plan.info.name) if stats is not None else None
     frequency = stats.token_frequency(plan.info.name) if stats is not None and plan.kind == KIND_EMBEDDING else None
+    mean = None
+    if init == "calibrated" and second_moment is not None and getattr(plan.info.module, "bias", None) is not None:
+        mean = stats.mean(plan.info.name)
+    error_moment = second_moment if mean is None else second_moment - torch.outer(mean, mean)
     if init == "random":
         factorization.reset_random(float(weight.detach().float().std()))
         plan.init_used = "random"
     elif init == "calibrated" and second_moment is not None:
-        errors = factorization.fit_calibrated(weight, second_moment)
+        errors = factorization.fit_calibrated(weight, error_moment)
         plan.init_error = factorization.relative_error(weight) if errors is not None else factorization.fit(weight)
         plan.init_used = (
             "calibrated" if errors is not None else f"svd (no memory-bounded weighted solver for {plan.spec.method})"
         )
-        if errors is not None:
-            plan.output_error_start = errors[0]
+        if errors is not None:  # the solver's error is relative to ||W (C - mu mu^T)^(1/2)||; report it against C
+            plan.output_error_start = errors[0] * _output_norm_ratio(weight, error_moment, second_moment)
     elif init == "calibrated" and frequency is not None and factorization.fit_row_weighted(weight, frequency):
         plan.init_error = factorization.relative_error(weight)
         plan.init_used = "calibrated (token frequency)"
@@ -280,10 +290,26 @@ def _initialize(
             plan.init_used = "svd (no calibration input reached this embedding)"
         else:
             plan.init_used = "svd (no calibration input reached this module)"
-    if second_moment is not None:
+    if mean is not None:
+        approximation = factorization.materialize()
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        difference = weight.to(dtype) - approximation.to(dtype)
+        plan.bias_shift = (difference @ mean.to(weight.device, dtype)).to(weight.dtype)
+        plan.output_error = weighted_error(weight, approximation, second_moment, -plan.bias_shift, mean)
+    elif second_moment is not None:
         plan.output_error = weighted_error(weight, factorization.materialize(), second_moment)
     elif frequency is not None:
         plan.output_error = row_weighted_error(weight, factorization.materialize(), frequency)
+
+
+def _output_norm_ratio(weight: torch.Tensor, numerator_moment: torch.Tensor, denominator_moment: torch.Tensor):
+    """``sqrt(tr(W A W^T) / tr(W B W^T))``: turns an error relative to ``||W A^(1/2)||`` into one relative to
+    ``||W B^(1/2)||`` (products in the weight's precision, at least float32; sums in float64)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    weight = weight.to(dtype)
+    numerator = ((weight @ numerator_moment.to(dtype)).double() * weight).sum().clamp_min(0)
+    denominator = ((weight @ denominator_moment.to(dtype)).double() * weight).sum().clamp_min(1e-300)
+    return float((numerator / denominator).sqrt())
 
 
 @torch.no_grad()
@@ -314,7 +340,10 @@ def _wrap(plan: _Plan, factorization: nn.Module | None, built_embeddings: dict[i
     layout = CONV1D_LAYOUT if is_conv1d(module) else LINEAR_LAYOUT
     replacement = FactorizedLinear.wrap(factorization, module.bias is not None, layout)
     if module.bias is not None:
-        replacement.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        bias = module.bias.detach().clone()
+        if plan.bias_shift is not None:
+            bias += plan.bias_shift.to(bias.device, bias.dtype)
+        replacement.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
     plan.replacements = [replacement]
 
 

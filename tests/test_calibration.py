@@ -61,20 +61,40 @@ def test_calibrated_has_lower_output_error_than_svd(method):
     assert errors["calibrated"] < errors["svd"]
 
 
-def test_calibrated_low_rank_is_the_exact_optimum():
-    x = correlated_inputs(24).double()
+def matrix_root(matrix: torch.Tensor) -> torch.Tensor:
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_calibrated_low_rank_is_the_exact_optimum(bias):
+    """Rank 3, inputs with a non-zero mean mu. Without a bias: the optimum of ||(W - W_hat) C^(1/2)||. With one:
+    the optimum over W_hat and a free bias, W_hat from W (C - mu mu^T)^(1/2) and b' = b + (W - W_hat) mu; the
+    reported error is the layer's measured output error, below the bias-free optimum."""
+    x = correlated_inputs(24).double() + torch.linspace(-2, 3, 24, dtype=torch.float64)
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(24, 32, bias=bias)).double()
     model = kt.compress_model(
-        mlp().double(),
+        copy.deepcopy(dense),
         kt.KronConfig(default=kt.LowRank(rank=3), target_modules=["0"], init="calibrated"),
         calibration_data=[{"input": x}],
     )
-    weight = mlp().double()[0].weight.detach()
-    second_moment = x.T @ x / x.shape[0]
-    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)
-    root = (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
-    singular = torch.linalg.svdvals(weight @ root)
-    optimum = float(singular[3:].norm() / singular.norm())
-    assert kt.applied_config(model).modules["0"]["output_error"] == pytest.approx(optimum, rel=1e-4, abs=1e-6)
+    weight = dense[0].weight.detach()
+    second_moment, mean = x.T @ x / x.shape[0], x.mean(0)
+    scale = (weight @ matrix_root(second_moment)).norm()
+    uncentred = float(torch.linalg.svdvals(weight @ matrix_root(second_moment))[3:].norm() / scale)
+    centred = float(
+        torch.linalg.svdvals(weight @ matrix_root(second_moment - torch.outer(mean, mean)))[3:].norm() / scale
+    )
+    reported = kt.applied_config(model).modules["0"]["output_error"]
+    with torch.no_grad():
+        measured = float((model[0](x) - dense[0](x)).norm() / (x @ weight.T).norm())
+    assert reported == pytest.approx(measured, rel=1e-6)
+    assert reported == pytest.approx(centred if bias else uncentred, rel=1e-4, abs=1e-6)
+    if bias:
+        assert centred < 0.9 * uncentred
+        shift = (weight - model[0].weight.detach()) @ mean
+        torch.testing.assert_close(model[0].bias.detach(), dense[0].bias.detach() + shift)
 
 
 @pytest.mark.parametrize("shapes, rank", [(((4, 4), (8, 6)), 2), (((3, 5), (4, 4)), 3), (((2, 2), (6, 8)), 1)])

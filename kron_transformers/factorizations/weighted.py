@@ -53,9 +53,17 @@ def _psd_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
     return (vectors * values.pow(power)) @ vectors.T
 
 
-def weighted_error(weight: torch.Tensor, approximation: torch.Tensor, second_moment: torch.Tensor) -> float:
+def weighted_error(
+    weight: torch.Tensor,
+    approximation: torch.Tensor,
+    second_moment: torch.Tensor,
+    bias_difference: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
+) -> float:
     """Relative output error ``sqrt(tr(D C D^T) / tr(W C W^T))`` with ``D = W - W_hat``.
 
+    With ``bias_difference = b - b_hat`` and the input mean ``mu``, the error of the affine layer:
+    ``E||D x + d||^2 = tr(D C D^T) + 2 d^T D mu + ||d||^2`` over the same denominator.
     The products run in the weight's precision (at least float32), the sums in float64.
     """
     dtype = torch.promote_types(torch.promote_types(weight.dtype, approximation.dtype), torch.float32)
@@ -63,6 +71,9 @@ def weighted_error(weight: torch.Tensor, approximation: torch.Tensor, second_mom
     weight = weight.to(dtype)
     difference = weight - approximation.to(dtype)
     numerator = ((difference @ second_moment).double() * difference).sum()
+    if bias_difference is not None:
+        bias_difference = bias_difference.double()
+        numerator += 2 * bias_difference @ (difference @ mean.to(dtype)).double() + bias_difference.square().sum()
     denominator = ((weight @ second_moment).double() * weight).sum().clamp_min(1e-300)
     return float((numerator.clamp_min(0) / denominator).sqrt())
 
