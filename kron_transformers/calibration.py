@@ -68,6 +68,8 @@ def record_statistics(modules: Iterable[tuple[str, nn.Module]], stats: Calibrati
 
     def count(name: str, rows: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
+            if args[0].is_floating_point():  # a subclass taking other inputs (BART's positions: a shape carrier)
+                return
             ids = args[0].detach().reshape(-1)
             counts = stats.token_counts.setdefault(name, torch.zeros(rows, dtype=torch.float64, device=ids.device))
             counts += torch.bincount(ids, minlength=rows).to(torch.float64)

@@ -376,8 +376,26 @@ class LayerwiseCalibration:
         unit.done = True
         release_freed_heap()
 
+    @torch.no_grad()
+    def _load_buffers(self) -> None:
+        """Persistent buffers the checkpoint holds replace those computed when the skeleton was built."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        persistent = set(self.model.state_dict(keep_vars=True))
+        keys = {
+            name: key
+            for name, _ in self.model.named_buffers()
+            if name in persistent and (key := self.checkpoint.key(name, prefix)) is not None
+        }
+        tensors = self.checkpoint.load(list(dict.fromkeys(keys.values())))
+        for name, key in keys.items():
+            module_path, _, attribute = name.rpartition(".")
+            module = self.model.get_submodule(module_path) if module_path else self.model
+            current = getattr(module, attribute)
+            module.register_buffer(attribute, tensors[key].to(current.dtype), persistent=True)
+
     def run(self) -> None:
         """Load what stays dense, run the batches through the units one unit at a time, record the config."""
+        self._load_buffers()
         self._load(self._unit_parameters(None))
         workers = _Workers(self.model, self.batches, self.units)
         try:
