@@ -7,6 +7,7 @@ of sweeps.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -277,3 +278,21 @@ def test_bad_inputs_raise_clear_errors(checkpoints, tmp_path):
     mixed = [data[0], {"inputs_embeds": torch.randn(3, 7, 32)}]
     with pytest.raises(ValueError, match="different paths through the model"):
         kt.compress_pretrained(folder, with_embedding(), mixed)
+
+
+def test_a_block_the_calibration_data_never_reaches_gets_the_svd_init(checkpoints, monkeypatch):
+    skeleton = layerwise._skeleton
+
+    def one_layer_forward(*args, **kwargs):
+        model = skeleton(*args, **kwargs)
+        model.config.num_hidden_layers = 1  # LlamaModel.forward runs layers[:num_hidden_layers]
+        return model
+
+    monkeypatch.setattr(layerwise, "_skeleton", one_layer_forward)
+    model = kt.compress_pretrained(checkpoints["llama"], low_rank(), batches("llama"))
+    records = model.config.quantization_config.modules
+    assert records["model.layers.0.mlp.up_proj"]["init"] == "calibrated"
+    assert records["model.layers.1.mlp.up_proj"]["init"] == "svd (no calibration input reached this module)"
+    dense = ARCHITECTURES["llama"][0].from_pretrained(checkpoints["llama"])
+    svd = kt.compress_model(dense, dataclasses.replace(low_rank(), init="svd"))
+    assert torch.equal(model.model.layers[1].mlp.up_proj.materialize(), svd.model.layers[1].mlp.up_proj.materialize())

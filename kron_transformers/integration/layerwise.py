@@ -395,27 +395,29 @@ class LayerwiseCalibration:
 
     def run(self) -> None:
         """Load what stays dense, run the batches through the units one unit at a time, record the config."""
-        self._load_buffers()
-        self._load(self._unit_parameters(None))
-        workers = _Workers(self.model, self.batches, self.units)
         try:
-            while True:
-                unit, inputs = workers.next_unit()
-                if unit is None:
-                    break
-                self._compress(unit, inputs)
-                workers.release(stop=all(u.done for u in self.units))
+            self._load_buffers()
+            self._load(self._unit_parameters(None))
+            workers = _Workers(self.model, self.batches, self.units)
+            try:
+                while True:
+                    unit, inputs = workers.next_unit()
+                    if unit is None:
+                        break
+                    self._compress(unit, inputs)
+                    workers.release(stop=all(u.done for u in self.units))
+            finally:
+                workers.close()
+            for unit in self.units:  # never reached by the calibration data: loaded, then svd (recorded as such)
+                if not unit.done:
+                    self._compress(unit, [])
         finally:
-            workers.close()
-        for unit in self.units:  # never reached by the calibration data: loaded, then svd (recorded as such)
-            if not unit.done:
-                self._compress(unit, [])
+            self.progress.close()
         left = [names[0] for names, holders in self.owners.values() if getattr(holders[0][0], holders[0][1]).is_meta]
         replaced = {n for plan in self.order for info in (plan.group or [plan.info]) for n in info.names}
         left = [name for name in left if name.rpartition(".")[0] not in replaced]
         if left:
             raise ValueError(f"compress_pretrained: the checkpoint lacks {len(left)} tensor(s), e.g. {left[:3]}")
-        self.progress.close()
         swap_in(self.model, self.config, self.order)
 
 
