@@ -13,9 +13,16 @@ that streaming gives exactly the tensors of load-then-``compress_model``.
     python benchmarks/streaming.py                # about 2B parameters, init="random"
     python benchmarks/streaming.py --init svd     # the SVD init (randomized SVD at these sizes and rank 8)
     python benchmarks/streaming.py --preset 150M  # a smaller model
+    python benchmarks/streaming.py --preset 400M --init calibrated  # block by block (kt.compress_pretrained)
 
 ``init="random"`` reads each dense tensor only for its standard deviation; ``init="svd"`` factorizes it
-(at rank 8 the 2B model's rearranged matrices take ``decompositions.randomized_svd``).
+(at rank 8 the 2B model's rearranged matrices take ``decompositions.randomized_svd``). ``init="calibrated"``
+runs ``kt.compress_pretrained(folder, config, batches)`` instead of ``from_pretrained``: block by block, each
+block calibrated on the compressed blocks before it (``integration/layerwise.py``), on ``--calibration-batches``
+batches of 2 x ``--calibration-length`` random token ids (random ids exercise the memory and the time, not the
+quality). Its goal adds one dense block and the calibration activations of one block to the shard, and its
+identity check compares the first block with ``compress_model(calibration_data=...)`` (the later blocks see
+compressed inputs by design) with the ALS sweeps fixed (``CALIBRATED_TIME_RATIO = None``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 PRESETS = {  # name -> (hidden, intermediate, layers, heads, vocab)
     "2B": (2560, 6912, 24, 20, 32000),
     "1B": (2048, 5632, 20, 16, 32000),
+    "400M": (1024, 2816, 24, 16, 32000),
     "150M": (768, 2048, 12, 12, 32000),
     "tiny": (64, 160, 2, 4, 256),
 }
@@ -132,7 +140,12 @@ class ResidentSampler:
         return self.peaks
 
 
-def child(folder: str, init: str, rank: int, load: bool) -> None:
+def calibration_batches(count: int, length: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, length), generator=generator)} for _ in range(count)]
+
+
+def child(folder: str, init: str, rank: int, load: bool, batches: int = 4, length: int = 128) -> None:
     """Runs in a fresh process: load while compressing (or only import), print one JSON line."""
     torch.set_num_threads(1)
     from transformers import LlamaForCausalLM
@@ -145,9 +158,16 @@ def child(folder: str, init: str, rank: int, load: bool) -> None:
     if load:
         sampler = ResidentSampler()
         start = time.perf_counter()
-        model = LlamaForCausalLM.from_pretrained(
-            folder, quantization_config=kron_config(init, rank), dtype=torch.bfloat16
-        )
+        if init == "calibrated":
+            import kron_transformers as kt
+
+            vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+            data = calibration_batches(batches, length, vocab)
+            model = kt.compress_pretrained(folder, kron_config(init, rank), data, dtype=torch.bfloat16)
+        else:
+            model = LlamaForCausalLM.from_pretrained(
+                folder, quantization_config=kron_config(init, rank), dtype=torch.bfloat16
+            )
         result["seconds"] = time.perf_counter() - start
         tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
         result["compressed_bytes"] = sum(t.nbytes for t in tensors.values())
@@ -163,8 +183,9 @@ def child(folder: str, init: str, rank: int, load: bool) -> None:
     print(json.dumps(result))
 
 
-def run_child(folder: Path, init: str, rank: int, load: bool) -> dict:
+def run_child(folder: Path, init: str, rank: int, load: bool, batches: int = 4, length: int = 128) -> dict:
     command = [sys.executable, __file__, "--child", str(folder), "--init", init, "--rank", str(rank)]
+    command += ["--calibration-batches", str(batches), "--calibration-length", str(length)]
     if not load:
         command.append("--imports-only")
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -180,6 +201,8 @@ def check_identical(init: str, rank: int) -> bool:
 
     with tempfile.TemporaryDirectory() as folder:
         write_dense_checkpoint(Path(folder), "tiny", shard_bytes=40_000)
+        if init == "calibrated":
+            return check_first_block(folder, rank)
         torch.manual_seed(0)
         streamed = LlamaForCausalLM.from_pretrained(folder, quantization_config=kron_config(init, rank))
         dense = LlamaForCausalLM.from_pretrained(folder)
@@ -187,6 +210,28 @@ def check_identical(init: str, rank: int) -> bool:
         expected = kt.compress_model(dense, kron_config(init, rank)).state_dict()
         state = streamed.state_dict()
         return state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def check_first_block(folder: str, rank: int) -> bool:
+    """Block-by-block calibration's first block equals ``compress_model(calibration_data=...)``'s exactly."""
+    from transformers import LlamaForCausalLM
+
+    import kron_transformers as kt
+    import kron_transformers.factorizations.kronecker as kronecker
+
+    kronecker.CALIBRATED_TIME_RATIO = None  # a fixed number of ALS sweeps, not a wall-clock budget
+    data = calibration_batches(2, 16, PRESETS["tiny"][4])
+    state = kt.compress_pretrained(folder, kron_config("calibrated", rank), data).state_dict()
+    dense = LlamaForCausalLM.from_pretrained(folder)
+    expected = kt.compress_model(dense, kron_config("calibrated", rank), calibration_data=data).state_dict()
+    first = [key for key in expected if key.startswith("model.layers.0.")]
+    return bool(first) and all(torch.equal(state[key], expected[key]) for key in first)
+
+
+def block_bytes(preset: str) -> int:
+    """One dense bf16 block's weights (attention, MLP, two norms)."""
+    hidden, intermediate, _, _, _ = PRESETS[preset]
+    return 2 * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden)
 
 
 def memory_available() -> int:
@@ -199,15 +244,19 @@ def memory_available() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="2B")
-    parser.add_argument("--init", choices=["random", "svd"], default="random")
+    parser.add_argument("--init", choices=["random", "svd", "calibrated"], default="random")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--shard-gb", type=float, default=1.0, help="dense shard size in GB")
+    parser.add_argument("--calibration-batches", type=int, default=4, help="init=calibrated: batches of 2 sequences")
+    parser.add_argument("--calibration-length", type=int, default=128, help="init=calibrated: tokens per sequence")
     parser.add_argument("--folder", help="write the dense checkpoint here (default: a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--imports-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.init, args.rank, load=not args.imports_only)
+        return child(
+            args.child, args.init, args.rank, not args.imports_only, args.calibration_batches, args.calibration_length
+        )
 
     torch.set_num_threads(1)
     hidden, intermediate, layers, _, vocab = PRESETS[args.preset]
@@ -221,13 +270,20 @@ def main() -> None:
         write_dense_checkpoint(folder, args.preset, int(args.shard_gb * 1e9))
         written = time.perf_counter() - start
         shard_sizes = [p.stat().st_size for p in folder.glob("model-*.safetensors")]
-        baseline = run_child(folder, args.init, args.rank, load=False)
-        result = run_child(folder, args.init, args.rank, load=True)
+        calibration = (args.calibration_batches, args.calibration_length)
+        baseline = run_child(folder, args.init, args.rank, False, *calibration)
+        result = run_child(folder, args.init, args.rank, True, *calibration)
     identical = check_identical(args.init, args.rank)
 
     gb = 1e9
     dense, largest, compressed = sum(shard_sizes), max(shard_sizes), result["compressed_bytes"]
     budget = 1.5 * compressed + largest
+    goal_extra = " + block + activations" if args.init == "calibrated" else ""
+    if args.init == "calibrated":  # one dense block and one block's activations (float32, a few per token)
+        tokens = 2 * args.calibration_batches * args.calibration_length
+        activations = 4 * tokens * (4 * hidden + 2 * intermediate)
+        budget += block_bytes(args.preset) + activations
+        print(f"one dense block {block_bytes(args.preset) / 1e9:.3f} GB, activations {activations / 1e9:.3f} GB")
     print(
         f"dense checkpoint: {parameters / 1e9:.2f}B parameters, {len(shard_sizes)} shards, written in {written:.0f} s"
     )
@@ -235,7 +291,7 @@ def main() -> None:
     print(
         "| preset | init | dense (GB) | largest shard (GB) | compressed (GB) | peak RSS loading (GB) "
         "| peak RSS, every tensor read (GB) | peak anonymous (GB) "
-        "| peak file-backed (GB) | imports only (GB) | goal: 1.5x compressed + shard (GB) | within goal "
+        f"| peak file-backed (GB) | imports only (GB) | goal: 1.5x compressed + shard{goal_extra} (GB) | within goal "
         "| load + compress (s) | identical to load-then-compress |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")

@@ -43,6 +43,7 @@ _EXPORTS = {
     "InferencePlan": "inference",
     "prepare_for_inference": "inference",
     "KronHfQuantizer": "integration",
+    "compress_pretrained": "integration",
     "from_pretrained": "integration",
     "push_to_hub": "integration",
     "render_model_card": "integration",

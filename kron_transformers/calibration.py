@@ -56,11 +56,12 @@ def move_to_device(batch, device: torch.device):
     return batch
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> CalibrationStats:
-    """Run ``model(**batch)`` over ``batches`` (dicts of model inputs, e.g. a DataLoader) and collect ``C``."""
-    stats = CalibrationStats()
-    handles = []
+def record_statistics(modules: Iterable[tuple[str, nn.Module]], stats: CalibrationStats) -> list:
+    """Forward hooks accumulating into ``stats``: ``C`` of each linear's input, the looked-up rows of each embedding.
+
+    ``modules``: ``(name, module)`` pairs; other module types are skipped. Returns the hook handles (the
+    caller removes them).
+    """
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
@@ -77,17 +78,28 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
 
     def count(name: str, rows: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
+            if args[0].is_floating_point():  # a subclass taking other inputs (BART's positions: a shape carrier)
+                return
             ids = args[0].detach().reshape(-1)
             counts = stats.token_counts.setdefault(name, torch.zeros(rows, dtype=torch.float64, device=ids.device))
             counts += torch.bincount(ids, minlength=rows).to(torch.float64)
 
         return hook
 
-    for name, module in model.named_modules():
+    handles = []
+    for name, module in modules:
         if is_linear(module):
             handles.append(module.register_forward_hook(record(name)))
         elif isinstance(module, nn.Embedding):
             handles.append(module.register_forward_hook(count(name, module.num_embeddings)))
+    return handles
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> CalibrationStats:
+    """Run ``model(**batch)`` over ``batches`` (dicts of model inputs, e.g. a DataLoader) and collect ``C``."""
+    stats = CalibrationStats()
+    handles = record_statistics(model.named_modules(), stats)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -3,6 +3,7 @@
 ```
 kron-transformers compress t5-small --config cfg.yaml --output t5-small-kron [--push-to-hub me/t5-small-kron]
 kron-transformers compress DIR --config cfg.yaml --output OUT --calibration-data sentences.txt  # init: calibrated
+kron-transformers compress DIR --config cfg.yaml --output OUT --calibration-data s.txt --layer-by-layer  # big models
 kron-transformers report t5-small-kron
 kron-transformers decompress t5-small-kron --output t5-small-dense
 kron-transformers card t5-small-kron --metrics results.json
@@ -68,7 +69,7 @@ def _read_metrics(path: str | None) -> dict | None:
 def compress(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
-    from . import compress_model, push_to_hub, report, write_model_card
+    from . import compress_model, compress_pretrained, push_to_hub, report, write_model_card
     from .calibration_data import calibration_batches, load_preprocessor, read_calibration_inputs
     from .integration.checkpoint import model_class_for
 
@@ -83,8 +84,16 @@ def compress(args: argparse.Namespace) -> None:
         _progress(f"calibration data: {len(inputs)} inputs from {args.calibration_data}")
     elif config.init == "calibrated":
         raise ValueError("init='calibrated' needs --calibration-data FILE (text lines, .jsonl or an image folder)")
+    if args.layer_by_layer and (config.init != "calibrated" or batches is None):
+        raise ValueError(
+            "--layer-by-layer calibrates one block at a time: it needs init: calibrated in the config and "
+            f"--calibration-data (the config has init={config.init!r}; svd and random already compress while loading)"
+        )
     start = time.perf_counter()
-    if batches is not None:  # calibration runs the dense model on data: load it whole first
+    if args.layer_by_layer:  # block by block from the shards, each block calibrated on the compressed ones before it
+        _progress(f"compressing {args.model} block by block (init=calibrated, {model_class.__name__})")
+        model = compress_pretrained(args.model, config, batches, model_class=model_class)
+    elif batches is not None:  # calibration runs the dense model on data: load it whole first
         _progress(f"loading {args.model} as {model_class.__name__}")
         model = model_class.from_pretrained(args.model)
         _progress(f"compressing (init={config.init})")
@@ -151,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-data",
         metavar="FILE",
         help="inputs for init='calibrated': a text file (one input a line, .gz ok), a .jsonl, or an image folder",
+    )
+    command.add_argument(
+        "--layer-by-layer",
+        action="store_true",
+        help="with init: calibrated, read, calibrate and compress one block at a time from the safetensors shards, "
+        "each block calibrated on the compressed blocks before it (kt.compress_pretrained): peak memory about the "
+        "compressed model plus one dense block, for models larger than memory",
     )
     command.add_argument("--text-column", default="text", help="the text field of --calibration-data .jsonl records")
     command.add_argument("--calibration-samples", type=int, default=512, help="use at most this many inputs")

@@ -222,3 +222,11 @@ def test_calibrate_counts_embedding_lookups():
     stats = kt.calibrate(model, [{"input_ids": ids}])
     frequency = stats.token_frequency("bert.embeddings.word_embeddings")
     torch.testing.assert_close(frequency, torch.bincount(ids.reshape(-1), minlength=99).double() / ids.numel())
+
+
+def test_calibrate_skips_embeddings_called_with_a_float_shape_carrier():
+    """BART's learned positional embedding is called with a float tensor (for its shape only): no token counts."""
+    model = build_model("bart")
+    stats = kt.calibrate(model, [make_inputs("bart")])
+    assert "model.encoder.embed_positions" not in stats.token_counts
+    assert stats.token_counts["model.encoder.embed_tokens"].sum() > 0

@@ -87,3 +87,21 @@ def test_image_folder_calibration_inputs(tmp_path):
     assert len(images) == 3 and images[0].size == (20, 20)
     batches = calibration_batches(ViTImageProcessor(size={"height": 16, "width": 16}), images, batch_size=2)
     assert [tuple(b["pixel_values"].shape) for b in batches] == [(2, 3, 16, 16), (1, 3, 16, 16)]
+
+
+def test_layer_by_layer_compresses_block_by_block_like_compress_pretrained(saved_bert, capsys):
+    data = saved_bert / "calibration.txt"
+    texts = sentences(16)
+    data.write_text("\n".join(texts) + "\n")
+    args = ["compress", str(saved_bert / "dense"), "--config", str(saved_bert / "cfg.yaml"), "--output",
+            str(saved_bert / "kron"), "--calibration-data", str(data), "--calibration-batch-size", "8"]  # fmt: skip
+    assert main([*args, "--layer-by-layer"]) == 0
+    compressed = AutoModelForMaskedLM.from_pretrained(saved_bert / "kron").eval()
+    batches = calibration_batches(word_tokenizer(), texts, batch_size=8)
+    config = kt.KronConfig(ffn=kt.LowRank(rank=2), init="calibrated")
+    expected = kt.compress_pretrained(saved_bert / "dense", config, batches)
+    state = expected.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in compressed.state_dict().items())
+    (saved_bert / "svd.yaml").write_text("ffn: {method: LowRank, rank: 2}\ninit: svd\n")
+    assert main([*args[:3], str(saved_bert / "svd.yaml"), *args[4:], "--layer-by-layer"]) == 2
+    assert "--layer-by-layer calibrates one block at a time" in capsys.readouterr().err
