@@ -98,6 +98,29 @@ def find_blocks(model: nn.Module) -> list[str]:
     return [f"{name}.{index}" for name in names for index in range(len(model.get_submodule(name)))]
 
 
+def resolve_blocks(
+    model: nn.Module, blocks: list[str] | None, owner: str, holder: nn.Module | None = None, holder_label: str = ""
+) -> list[str]:
+    """``blocks`` (default: ``find_blocks(model)``), each checked to exist in ``holder`` (default: ``model``).
+
+    Raises a ``ValueError`` naming ``owner`` when no block is found or one is missing.
+    """
+    names = find_blocks(model) if blocks is None else list(blocks)
+    if not names:
+        raise ValueError(
+            f"{owner}: found no transformer blocks in {type(model).__name__} (an nn.ModuleList of blocks of one "
+            "class); pass blocks=[...] with the block module names"
+        )
+    holder = model if holder is None else holder
+    for name in names:
+        try:
+            holder.get_submodule(name)
+        except AttributeError:
+            label = holder_label or type(holder).__name__
+            raise ValueError(f"{owner}: {label} has no module {name!r}") from None
+    return names
+
+
 def _detach(value):
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -233,17 +256,7 @@ def reconstruct(
     batches = [move_to_device(dict(batch), device) for batch in batches]
     if not batches:
         raise ValueError("reconstruct: batches is empty; pass a DataLoader or list of model-input dicts")
-    names = blocks if blocks is not None else find_blocks(teacher)
-    if not names:
-        raise ValueError(
-            f"reconstruct: found no transformer blocks in {type(teacher).__name__} (an nn.ModuleList of blocks of "
-            "one class); pass blocks=[...] with the block module names"
-        )
-    for name in names:
-        try:
-            student.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"reconstruct: the student has no module {name!r} (the teacher does)") from None
+    names = resolve_blocks(teacher, blocks, "reconstruct", holder=student, holder_label="the student")
     names = _execution_order(teacher, names, batches[0])
 
     was_training = student.training, teacher.training

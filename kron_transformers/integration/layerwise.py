@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..calibration import CalibrationStats, move_to_device, record_statistics
 from ..config import KronConfig
 from ..modules import FactorizedEmbedding
-from ..reconstruct import _model_kwargs, find_blocks
+from ..reconstruct import _model_kwargs, resolve_blocks
 from ..surgery import (
     KIND_EMBEDDING,
     KIND_TIED_HEAD,
@@ -237,17 +237,7 @@ class LayerwiseCalibration:
             raise ValueError(
                 f"compress_pretrained: no module of {type(model).__name__} matches the config; nothing to compress"
             )
-        names = find_blocks(model) if blocks is None else list(blocks)
-        if not names:
-            raise ValueError(
-                f"compress_pretrained: found no transformer blocks in {type(model).__name__} (an nn.ModuleList of "
-                "blocks of one class); pass blocks=[...] with the block module names"
-            )
-        for name in names:
-            try:
-                model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"compress_pretrained: {type(model).__name__} has no module {name!r}") from None
+        names = resolve_blocks(model, blocks, "compress_pretrained")
         self.units = [_Unit(name, [model.get_submodule(name)], [name]) for name in names]
         for plan in self.order:
             if plan.kind == KIND_TIED_HEAD:
