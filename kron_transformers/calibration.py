@@ -17,6 +17,9 @@ from torch import nn
 from .roles import is_linear
 
 
+MOMENT_CHUNK_ROWS = 256  # rows of C converted at a time: no second float64 copy of a large layer's C
+
+
 @dataclass
 class CalibrationStats:
     """Per-layer sums of input outer products (``in x in``) and of inputs (``in``), float64, and the number of
@@ -27,17 +30,27 @@ class CalibrationStats:
     token_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     first_moments: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def second_moment(self, name: str) -> torch.Tensor | None:
-        """``E[x x^T]`` for the named layer, or None if it never ran."""
+    def second_moment(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        """``E[x x^T]`` for the named layer in ``dtype`` (one ``in x in`` copy of that size), or None if it never
+        ran."""
         if name not in self.second_moments or self.rows_seen[name] == 0:
             return None
-        return self.second_moments[name] / self.rows_seen[name]
+        sums, rows = self.second_moments[name], self.rows_seen[name]
+        moment = torch.empty_like(sums, dtype=dtype)
+        for start in range(0, sums.shape[0], MOMENT_CHUNK_ROWS):  # divided in float64, rounded once, by chunks
+            moment[start : start + MOMENT_CHUNK_ROWS] = sums[start : start + MOMENT_CHUNK_ROWS] / rows
+        return moment
 
     def mean(self, name: str) -> torch.Tensor | None:
         """``E[x]`` for the named layer, or None if it never ran (or the statistics were gathered without it)."""
         if name not in self.first_moments or self.rows_seen.get(name, 0) == 0:
             return None
         return self.first_moments[name] / self.rows_seen[name]
+
+    def discard(self, name: str) -> None:
+        """Free the named layer's sums (``compress_pretrained`` drops each layer's once it is built)."""
+        for table in (self.second_moments, self.first_moments, self.rows_seen, self.token_counts):
+            table.pop(name, None)
 
     def token_frequency(self, name: str) -> torch.Tensor | None:
         """How often each row of the named embedding was looked up (sums to 1), or None."""
@@ -70,7 +83,7 @@ def record_statistics(modules: Iterable[tuple[str, nn.Module]], stats: Calibrati
                 stats.second_moments[name] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
                 stats.first_moments[name] = inputs.new_zeros(inputs.shape[1])
                 stats.rows_seen[name] = 0
-            stats.second_moments[name] += inputs.T @ inputs
+            stats.second_moments[name].addmm_(inputs.T, inputs)  # in place: no second in x in float64 tensor
             stats.first_moments[name] += inputs.sum(0)
             stats.rows_seen[name] += inputs.shape[0]
 

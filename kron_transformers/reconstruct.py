@@ -17,6 +17,21 @@ all-MiniLM-L6-v2 with Shapeshifter 4x (svd init, 40 steps per block, 300 Multi30
 cosine of the sentence embeddings to the dense model's went from 0.15 to 0.51 with ``"teacher"`` and to 0.45
 with ``"student"``.
 
+Before the Adam steps, ``refit=True`` refits each factorized linear of the block in closed form, in the order
+the block runs them (linears that read the same input tensor, such as a query, key and value, together):
+
+    x~ = the linear's input in the student block on X_i,   x = the dense linear's input in the teacher block
+    min over the factorization (and bias) of   sum ||(W x + b) - (W_hat x~ + b_hat)||^2
+
+the asymmetric least-squares problem of GPTAQ (Li et al., "GPTAQ: Efficient Finetuning-Free Quantization for
+Asymmetric Calibration", 2025), solved for factorized layers: with ``C~ = E[x~ x~^T]`` and ``M = E[x x~^T]`` it
+is ``min ||(W* - W_hat) C~^(1/2)||_F`` for ``W* = W M (C~ + lambda I)^-1`` (``factorizations/weighted.py``
+solves it; ``lambda`` = ``REFIT_DAMPING`` times the mean diagonal of ``C~``); a linear with a bias is fitted on
+the covariances instead and its bias set to ``b + W mu - W_hat mu~``. With ``target_inputs="student"``
+(``x = x~``) it is GPTQ's symmetric problem, ``W* = W``. Measured on all-MiniLM-L6-v2, Shapeshifter 2x
+(``compress_model(init="calibrated")`` then ``reconstruct(steps=0, refit=True)``, 512 Multi30k training
+sentences, the cosine to the dense sentence embeddings on 1000 test sentences): see ``benchmarks/RESULTS.md``.
+
 Memory: one block's cached inputs and targets (plus its positional arguments and keyword arguments such
 as attention masks and rotary position embeddings, captured by a forward pre-hook), never the whole model's.
 """
@@ -38,6 +53,7 @@ from .modules import COMPRESSED_MODULES
 
 
 TARGET_INPUTS = ("student", "teacher")
+REFIT_DAMPING = 1e-2  # lambda / mean diag(C~) of the refit's W* = W M (C~ + lambda I)^-1
 TRAINABLE = ("compressed", "block")
 
 
@@ -218,6 +234,134 @@ def _trainable_parameters(block: nn.Module, trainable: str) -> list[nn.Parameter
     return parameters
 
 
+def _refit_groups(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[list[str]]:
+    """The block's factorized linears (names within the block) in the order they run, those reading the same
+    input tensor grouped: a group's inputs do not depend on its own members."""
+    from .modules import FactorizedLinear
+
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        module.register_forward_hook(lambda m, a, o, name=name: calls.append((name, a[0])))
+        for name, module in block.named_modules()
+        if isinstance(module, FactorizedLinear)
+    ]
+    try:
+        with torch.no_grad():
+            args, kwargs = inputs[0]
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, tensor in calls:
+        if any(name in members for _, members in groups):
+            continue  # a module called twice (shared) is refitted at its first call
+        if groups and groups[-1][0] is tensor:
+            groups[-1][1].append(name)
+        else:
+            groups.append((tensor, [name]))
+    return [members for _, members in groups]
+
+
+@torch.no_grad()
+def _group_moments(
+    student_block: nn.Module,
+    teacher_block: nn.Module,
+    members: list[str],
+    inputs: list[tuple[tuple, dict]],
+    source: list[tuple[tuple, dict]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Sums over the calibration tokens of ``x~ x~^T``, ``x x~^T``, ``x~`` and ``x`` (float64) for the group's
+    input: ``x~`` in the student block on its inputs, ``x`` in the teacher block on ``source``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(label):
+        def hook(module, args, output):
+            seen.setdefault(label, args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64))
+
+        return hook
+
+    handles = [
+        student_block.get_submodule(members[0]).register_forward_hook(keep("student")),
+        teacher_block.get_submodule(members[0]).register_forward_hook(keep("teacher")),
+    ]
+    student_gram = cross = student_sum = teacher_sum = None
+    count = 0
+    try:
+        for (args, kwargs), (source_args, source_kwargs) in zip(inputs, source):
+            seen.clear()
+            student_block(*args, **kwargs)
+            teacher_block(*source_args, **source_kwargs)
+            student_x, teacher_x = seen["student"], seen["teacher"]
+            if student_gram is None:
+                size = student_x.shape[1]
+                student_gram, cross = student_x.new_zeros(size, size), student_x.new_zeros(size, size)
+                student_sum, teacher_sum = student_x.new_zeros(size), student_x.new_zeros(size)
+            student_gram.addmm_(student_x.T, student_x)
+            cross.addmm_(teacher_x.T, student_x)
+            student_sum += student_x.sum(0)
+            teacher_sum += teacher_x.sum(0)
+            count += student_x.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return student_gram, cross, student_sum, teacher_sum, count
+
+
+@torch.no_grad()
+def _refit_linear(
+    module: nn.Module,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+    damping: float | None = None,
+) -> bool:
+    """Refit a ``FactorizedLinear`` to the dense ``(weight (out, in), bias)`` on paired inputs (module docstring):
+    ``min E||(W x + b) - (W_hat x~ + b_hat)||^2`` over its factorization and bias. Returns False (module
+    unchanged) when its factorization has no weighted solver. ``damping``: ``lambda / mean diag(C~)`` (default
+    ``REFIT_DAMPING``)."""
+    damping = REFIT_DAMPING if damping is None else damping
+    student_gram, cross, student_sum, teacher_sum, count = moments
+    student_mean, teacher_mean = student_sum / count, teacher_sum / count
+    weight64 = weight.detach().to(torch.float64)
+    if bias is not None:  # covariances; the bias absorbs the means
+        moment = student_gram / count - torch.outer(student_mean, student_mean)
+        cross_moment = cross / count - torch.outer(teacher_mean, student_mean)
+    else:
+        moment, cross_moment = student_gram / count, cross / count
+    size = moment.shape[0]
+    damped = moment + damping * float(moment.diagonal().mean().clamp_min(1e-30)) * torch.eye(size, dtype=moment.dtype)
+    target = torch.linalg.solve(damped, cross_moment.T @ weight64.T).T  # W M (C~ + lambda I)^-1 (symmetric C~)
+    factorization = module.factorization
+    saved = [p.detach().clone() for p in factorization.parameters()]
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    if factorization.fit_calibrated(target.to(dtype), moment.to(dtype)) is None:
+        for parameter, value in zip(factorization.parameters(), saved):
+            parameter.copy_(value)
+        return False
+    if module.bias is not None:
+        approximation = factorization.materialize().to(torch.float64)
+        dense_bias = 0.0 if bias is None else bias.detach().to(torch.float64)
+        module.bias.copy_((dense_bias + weight64 @ teacher_mean - approximation @ student_mean).to(module.bias.dtype))
+    return True
+
+
+def _refit_block(
+    student_block: nn.Module,
+    teacher_block: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    source: list[tuple[tuple, dict]],
+) -> None:
+    """Refit every factorized linear of the block, group by group in execution order (module docstring)."""
+    from .surgery import _weight_matrix
+
+    for members in _refit_groups(student_block, inputs):
+        moments = _group_moments(student_block, teacher_block, members, inputs, source)
+        for name in members:
+            dense = teacher_block.get_submodule(name)
+            _refit_linear(student_block.get_submodule(name), _weight_matrix(dense), dense.bias, moments)
+
+
 def reconstruct(
     student: nn.Module,
     teacher: nn.Module,
@@ -228,6 +372,7 @@ def reconstruct(
     trainable: str = "compressed",
     blocks: list[str] | None = None,
     progress: bool | None = None,
+    refit: bool = False,
 ) -> ReconstructionReport:
     """Fit each block of the compressed ``student`` to the dense ``teacher``'s block, one block at a time.
 
@@ -238,8 +383,10 @@ def reconstruct(
     ``trainable="compressed"`` fits the factorized modules' parameters (factors and biases); ``"block"`` also
     the block's norms and remaining dense layers. A block whose error did not drop keeps its previous
     parameters, so no block ends worse than it started. ``blocks`` overrides the block names found by
-    :func:`find_blocks`. Returns a :class:`ReconstructionReport` (relative error per block). A tqdm bar shows
-    the progress when stderr is a terminal (``progress=`` forces it on or off).
+    :func:`find_blocks`. ``refit=True`` first refits each factorized linear in closed form to the teacher's layer
+    outputs on the student's inputs (asymmetric least squares, module docstring); ``steps=0, refit=True`` is
+    that refit alone, without gradient steps. Returns a :class:`ReconstructionReport` (relative error per
+    block). A tqdm bar shows the progress when stderr is a terminal (``progress=`` forces it on or off).
 
     ```py
     report = kt.reconstruct(compressed, dense, batches, steps=200)
@@ -275,8 +422,11 @@ def reconstruct(
             parameters = _trainable_parameters(student_block, trainable)
             before = _relative_error(student_block, inputs, targets)
             after, taken = before, 0
+            saved = copy.deepcopy([p.detach() for p in parameters])
+            if refit:
+                _refit_block(student_block, teacher_block, inputs, source)
+                after = _relative_error(student_block, inputs, targets)
             if parameters and steps:
-                saved = copy.deepcopy([p.detach() for p in parameters])
                 optimizer = torch.optim.Adam(parameters, lr=lr)
                 schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                 order = torch.randperm(len(inputs) * (steps // len(inputs) + 1))
@@ -294,13 +444,13 @@ def reconstruct(
                     bar.set_postfix(block=name, loss=f"{loss.item():.4f}", refresh=False)
                 taken = steps
                 after = _relative_error(student_block, inputs, targets)
-                if not after < before:
-                    with torch.no_grad():
-                        for parameter, value in zip(parameters, saved):
-                            parameter.copy_(value)
-                    after = before
             else:
                 bar.update(steps)
+            if not after < before:
+                with torch.no_grad():
+                    for parameter, value in zip(parameters, saved):
+                        parameter.copy_(value)
+                after = before
             report.blocks.append(BlockReconstruction(name, before, after, taken, sum(p.numel() for p in parameters)))
             del inputs, source, targets
     finally:

@@ -243,7 +243,12 @@ def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan
 
 
 def _initialize(
-    plan: _Plan, factorization: nn.Module, weight: torch.Tensor, init: str, stats: CalibrationStats | None
+    plan: _Plan,
+    factorization: nn.Module,
+    weight: torch.Tensor,
+    init: str,
+    stats: CalibrationStats | None,
+    release_statistics: bool = False,
 ) -> None:
     """Fill ``factorization`` by ``init``. ``calibrated`` weights linears by their input second moment and
     embeddings by token frequency; it falls back to ``svd`` (recording why) where no weighted solver
@@ -253,19 +258,30 @@ def _initialize(
     A linear with a bias is fitted on its input covariance ``C - mu mu^T`` and its bias then absorbs the mean
     of the error, ``b' = b + (W - W_hat) mu`` (``plan.bias_shift``): the output error
     ``E||(W x + b) - (W_hat x + b')||^2 = tr(D (C - mu mu^T) D^T)`` is never above the uncentred fit's
-    ``tr(D C D^T)``."""
+    ``tr(D C D^T)``. ``release_statistics`` drops the layer's float64 sums from ``stats`` once its ``C`` is
+    converted (block-by-block calibration: they are not needed again)."""
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(
             f"{plan.info.name}: its {plan.rows}x{plan.cols} weight holds {bad} NaN/inf entries, so it cannot be "
             f"factorized (init={init!r}); fix or reload the weights, or exclude {plan.info.name!r}"
         )
-    second_moment = stats.second_moment(plan.info.name) if stats is not None else None
     frequency = stats.token_frequency(plan.info.name) if stats is not None and plan.kind == KIND_EMBEDDING else None
     mean = None
-    if init == "calibrated" and second_moment is not None and getattr(plan.info.module, "bias", None) is not None:
+    if init == "calibrated" and stats is not None and getattr(plan.info.module, "bias", None) is not None:
         mean = stats.mean(plan.info.name)
-    error_moment = second_moment if mean is None else second_moment - torch.outer(mean, mean)
+    # C (and C - mu mu^T, formed in float64) in the solve's precision, the weight's but at least float32: one
+    # cols x cols copy of that size (a large layer's C is the biggest operand of the calibrated init)
+    solve_dtype = torch.promote_types(weight.dtype, torch.float32)
+    if mean is None:
+        second_moment = stats.second_moment(plan.info.name, solve_dtype) if stats is not None else None
+        error_moment = second_moment
+    else:
+        second_moment = stats.second_moment(plan.info.name)
+        error_moment = (second_moment - torch.outer(mean, mean)).to(solve_dtype)
+        second_moment = second_moment.to(solve_dtype)
+    if release_statistics and stats is not None:
+        stats.discard(plan.info.name)
     if init == "random":
         factorization.reset_random(float(weight.detach().float().std()))
         plan.init_used = "random"
@@ -314,11 +330,16 @@ def _output_norm_ratio(weight: torch.Tensor, numerator_moment: torch.Tensor, den
 
 @torch.no_grad()
 def _factorize(
-    plan: _Plan, weight: torch.Tensor, init: str, stats: CalibrationStats | None, requires_grad: bool
+    plan: _Plan,
+    weight: torch.Tensor,
+    init: str,
+    stats: CalibrationStats | None,
+    requires_grad: bool,
+    release_statistics: bool = False,
 ) -> nn.Module:
     """The plan's factorization, initialized from ``weight`` (``(rows, cols)``, on its device and dtype)."""
     factorization = build_factorization(plan.structure, plan.rows, plan.cols).to(weight.device, weight.dtype)
-    _initialize(plan, factorization, weight, init, stats)
+    _initialize(plan, factorization, weight, init, stats, release_statistics)
     factorization.requires_grad_(requires_grad)  # a frozen dense weight gives frozen factors
     return factorization
 
@@ -349,12 +370,16 @@ def _wrap(plan: _Plan, factorization: nn.Module | None, built_embeddings: dict[i
 
 @torch.no_grad()
 def _build(
-    plan: _Plan, init: str, built_embeddings: dict[int, FactorizedEmbedding], stats: CalibrationStats | None
+    plan: _Plan,
+    init: str,
+    built_embeddings: dict[int, FactorizedEmbedding],
+    stats: CalibrationStats | None,
+    release_statistics: bool = False,
 ) -> None:
     factorization = None
     if plan.kind != KIND_TIED_HEAD:
         weight = _weight_matrix(plan.info.module)
-        factorization = _factorize(plan, weight, init, stats, weight.requires_grad)
+        factorization = _factorize(plan, weight, init, stats, weight.requires_grad, release_statistics)
     _wrap(plan, factorization, built_embeddings)
 
 

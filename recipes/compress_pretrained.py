@@ -9,7 +9,8 @@ python recipes/compress_pretrained.py --model_name_or_path DIR_OR_HUB_ID --calib
 Steps: ``--calibration_file`` (text lines, ``.jsonl`` with ``--text_column``, ``.gz`` allowed, or an image folder)
 is split into calibration inputs and ``--eval_samples`` held-out ones; the model is compressed with the
 ``--compression`` preset (``--init`` overriding its init; ``calibrated`` uses the calibration inputs), then
-``kt.reconstruct`` fits each transformer block to the dense one and ``kt.distill`` matches the hidden states
+``kt.reconstruct`` refits each factorized linear in closed form (``--refit``, on by default) and fits each
+transformer block to the dense one by Adam, and ``kt.distill`` matches the hidden states
 (and logits, for models with a head). After each stage the fidelity to the dense model is measured on the
 held-out inputs: the mean cosine of mean-pooled last hidden states, the top-1 neighbour agreement (does each
 input's nearest other input stay the same), and, for models with logits, the KL divergence and top-1
@@ -70,6 +71,13 @@ class CompressPretrainedArguments:
         metadata={"help": "Preset name in recipes/configs, or a .yaml/.json file of KronConfig fields."},
     )
     init: str | None = field(default=None, metadata={"help": f"Override the preset's init: {', '.join(INITS)}."})
+    refit: bool = field(
+        default=True,
+        metadata={
+            "help": "Refit each factorized linear in closed form to the dense layer's outputs on the compressed "
+            "model's inputs, block by block, before the Adam steps (kt.reconstruct(refit=True))."
+        },
+    )
     reconstruct_steps: int = field(default=200, metadata={"help": "kt.reconstruct Adam steps per block (0: skip)."})
     reconstruct_lr: float = field(default=1e-3, metadata={"help": "kt.reconstruct learning rate."})
     distill_steps: int = field(default=300, metadata={"help": "kt.distill steps (0: skip)."})
@@ -217,9 +225,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise RecipeError(f"--compression {args.compression}: {error}") from None
     seconds["compress"] = time.perf_counter() - start
     stages[f"compressed ({config.init})"] = fidelity(model, dense_outputs, evaluation)
-    if args.reconstruct_steps:
+    if args.reconstruct_steps or args.refit:
         start = time.perf_counter()
-        report = kt.reconstruct(model, teacher, calibration, steps=args.reconstruct_steps, lr=args.reconstruct_lr)
+        report = kt.reconstruct(
+            model, teacher, calibration, steps=args.reconstruct_steps, lr=args.reconstruct_lr, refit=args.refit
+        )
         seconds["reconstruct"] = time.perf_counter() - start
         print(report)
         stages["reconstructed"] = fidelity(model, dense_outputs, evaluation)

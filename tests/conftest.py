@@ -27,6 +27,21 @@ hf_logging.set_verbosity_error()
 torch.set_num_threads(1)  # tiny tensors: a second thread only contends (einsums 8-24x slower, loaded)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the tests' subprocesses
 
+# ``pytest -n 2 --dist loadgroup`` (the README's command) runs each file on one worker (module fixtures run
+# once) and these files, which start 2-process DDP / FSDP runs, one after another on the same worker
+MULTIPROCESS_FILES = {"test_recipes.py", "test_fsdp.py", "test_fsdp_translation_benchmark.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests of one group run on one pytest-xdist worker")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = "multiprocess" if item.path.name in MULTIPROCESS_FILES else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 VOCAB = 99
 
 # name -> (auto class, config kwargs, kind of inputs)

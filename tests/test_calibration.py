@@ -125,6 +125,24 @@ def test_calibrate_collects_every_linear_and_removes_its_hooks():
     assert stats.rows_seen["bert.encoder.layer.0.attention.self.query"] == 3 * 3 * 7
 
 
+def test_second_moment_in_the_solve_precision_is_the_float64_moment_rounded_once(monkeypatch):
+    """``second_moment(name, float32)`` divides in float64 chunk by chunk and rounds once: the same numbers as
+    rounding the float64 moment, without a second float64 copy; ``discard`` frees a layer's sums."""
+    import kron_transformers.calibration as calibration
+
+    monkeypatch.setattr(calibration, "MOMENT_CHUNK_ROWS", 5)  # several chunks, the last one short
+    stats = kt.CalibrationStats()
+    inputs = torch.randn(50, 13, dtype=torch.float64) * 3 + 1
+    stats.second_moments["layer"], stats.rows_seen["layer"] = inputs.T @ inputs, 50
+    stats.first_moments["layer"] = inputs.sum(0)
+    reference = stats.second_moments["layer"] / 50
+    assert torch.equal(stats.second_moment("layer"), reference)
+    rounded = stats.second_moment("layer", torch.float32)
+    assert rounded.dtype == torch.float32 and torch.equal(rounded, reference.float())
+    stats.discard("layer")
+    assert stats.second_moment("layer") is None and stats.mean("layer") is None and not stats.rows_seen
+
+
 def test_calibrated_compression_of_a_transformer_reports_output_errors_for_every_order():
     model = build_model("bert")
     batches = [{"input_ids": make_inputs("bert", seed)["input_ids"]} for seed in range(3)]

@@ -223,6 +223,26 @@ def test_at_most_one_blocks_dense_weights_are_alive_at_any_time(checkpoints, mon
     assert sorted(every) == sorted(stored)  # each tensor read exactly once
 
 
+def test_each_layers_second_moment_is_freed_once_the_layer_is_built(checkpoints, monkeypatch):
+    """Peak memory holds the ``C`` sums of the layers of one block not yet built: a layer's are dropped as soon as
+    its ``C`` is converted for the solve."""
+    held: list[tuple[str, set[str]]] = []
+    original = layerwise._build
+
+    def build(plan, init, built_embeddings, stats, **options):
+        held.append((plan.info.name, set(stats.second_moments)))
+        original(plan, init, built_embeddings, stats, **options)
+        assert plan.info.name not in stats.second_moments
+
+    monkeypatch.setattr(layerwise, "_build", build)
+    kt.compress_pretrained(checkpoints["llama"], low_rank(), batches("llama"))
+    assert len(held) == 14  # 7 linears in each of 2 blocks
+    for index, (name, names) in enumerate(held):
+        block = name.rsplit(".", 2)[0]
+        later = {n for n, _ in held[index:] if n.startswith(block + ".")}
+        assert names == later, name
+
+
 def test_the_result_saves_sharded_and_reloads_like_any_compressed_model(checkpoints, tmp_path):
     model = kt.compress_pretrained(checkpoints["llama"], with_embedding(), batches("llama"))
     model.save_pretrained(tmp_path, max_shard_size="20KB")

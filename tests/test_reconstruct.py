@@ -51,6 +51,91 @@ def test_reconstruction_lowers_every_block_error(name):
     assert not student.training and all(p.grad is None for p in student.parameters())
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_refit_is_the_exact_asymmetric_least_squares_optimum(with_bias):
+    """Float64, damping 0, LowRank rank 3 on a 7 x 11 layer: the refit equals the closed form — whitened rank-3
+    projection of ``W* = W Sxx~ Sx~x~^-1`` under ``Sx~x~`` (covariances with a bias, second moments without) and
+    ``b_hat = b + W mu - W_hat mu~`` — and beats fitting ``W`` itself on the student's inputs (GPTQ's target)."""
+    from kron_transformers.factorizations import build_factorization
+    from kron_transformers.modules import FactorizedLinear
+    from kron_transformers.reconstruct import _refit_linear
+
+    generator = torch.Generator().manual_seed(0)
+    rows, cols, tokens, rank = 7, 11, 400, 3
+    weight = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    bias = torch.randn(rows, generator=generator, dtype=torch.float64) if with_bias else None
+    teacher_x = (
+        torch.randn(tokens, cols, generator=generator, dtype=torch.float64)
+        @ torch.randn(cols, cols, generator=generator, dtype=torch.float64)
+        + 0.5
+    )
+    distortion = torch.eye(cols, dtype=torch.float64) + 0.3 * torch.randn(
+        cols, cols, generator=generator, dtype=torch.float64
+    )
+    student_x = (
+        teacher_x @ distortion + 0.05 * torch.randn(tokens, cols, generator=generator, dtype=torch.float64) + 0.2
+    )
+    moments = (student_x.T @ student_x, teacher_x.T @ student_x, student_x.sum(0), teacher_x.sum(0), tokens)
+
+    def module():
+        layer = FactorizedLinear.wrap(
+            build_factorization({"factorization": "low_rank", "rank": rank}, rows, cols), with_bias
+        )
+        return layer.double()
+
+    refitted = module()
+    assert _refit_linear(refitted, weight, bias, moments, damping=0.0)
+
+    mu, mu_s = teacher_x.mean(0), student_x.mean(0)
+    centred = with_bias
+    xs = student_x - mu_s if centred else student_x
+    xt = teacher_x - mu if centred else teacher_x
+    sigma = xs.T @ xs / tokens
+    target = weight @ (xt.T @ xs / tokens) @ torch.linalg.inv(sigma)
+    values, vectors = torch.linalg.eigh(sigma)
+    root, inverse_root = (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+    u, singular, v = torch.linalg.svd(target @ root)
+    expected = (u[:, :rank] * singular[:rank]) @ v[:rank] @ inverse_root
+    assert torch.allclose(refitted.factorization.materialize(), expected, atol=1e-9)
+    if with_bias:
+        assert torch.allclose(refitted.bias, bias + weight @ mu - expected @ mu_s, atol=1e-9)
+
+    def output_error(layer) -> float:
+        dense = teacher_x @ weight.T + (0 if bias is None else bias)
+        with torch.no_grad():
+            return float((layer(student_x) - dense).pow(2).sum())
+
+    symmetric = module()  # W fitted on the student's own inputs: x = x~
+    symmetric_moments = (moments[0], moments[0], moments[2], moments[2], tokens)
+    assert _refit_linear(symmetric, weight, bias, symmetric_moments, damping=0.0)
+    assert output_error(refitted) < 0.9 * output_error(symmetric)
+
+
+def test_refit_groups_linears_by_shared_input_in_execution_order():
+    from kron_transformers.reconstruct import _capture_inputs, _refit_groups
+
+    student, _ = compressed_pair("llama")
+    inputs = _capture_inputs(student, "model.layers.1", [model_inputs("llama", 0)])
+    assert _refit_groups(student.model.layers[1], inputs) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_refit_alone_lowers_every_block_error(name):
+    student, teacher = compressed_pair(name)
+    batches = [model_inputs(name, seed) for seed in range(3)]
+    before = last_hidden_error(student, teacher, batches)
+    report = kt.reconstruct(student, teacher, batches, steps=0, refit=True)
+    for block in report.blocks:
+        assert block.error_after < 0.95 * block.error_before, block
+        assert block.steps == 0
+    assert last_hidden_error(student, teacher, batches) < 0.9 * before
+
+
 def test_student_targets_are_the_dense_block_on_the_students_own_inputs():
     student, teacher = compressed_pair("gpt2")
     batches = [model_inputs("gpt2", seed) for seed in range(2)]

@@ -305,6 +305,8 @@ def _use_cholesky(shapes, rank: int, rows: int, cols: int, iterations: int) -> b
 
 
 def _padded(matrix: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    if tuple(matrix.shape) == (rows, cols):
+        return matrix.to(dtype)  # no copy when it already fits (C of a large layer is the biggest operand)
     result = matrix.new_zeros(rows, cols, dtype=dtype)
     result[: matrix.shape[0], : matrix.shape[1]] = matrix.to(dtype)
     return result
