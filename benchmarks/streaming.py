@@ -22,7 +22,7 @@ block calibrated on the compressed blocks before it (``integration/layerwise.py`
 batches of 2 x ``--calibration-length`` random token ids (random ids exercise the memory and the time, not the
 quality). Its goal adds one dense block and the calibration activations of one block to the shard, and its
 identity check compares the first block with ``compress_model(calibration_data=...)`` (the later blocks see
-compressed inputs by design) with the ALS sweeps fixed (``CALIBRATED_TIME_RATIO = None``).
+compressed inputs by design) with the ALS sweeps fixed (``calibration_time_ratio=None``).
 """
 
 from __future__ import annotations
@@ -101,10 +101,10 @@ def write_dense_checkpoint(folder: Path, preset: str, shard_bytes: int, seed: in
     )
 
 
-def kron_config(init: str, rank: int):
+def kron_config(init: str, rank: int, **options):
     import kron_transformers as kt
 
-    return kt.KronConfig(attention=kt.Shapeshifter(rank=rank), ffn=kt.Shapeshifter(rank=rank), init=init)
+    return kt.KronConfig(attention=kt.Shapeshifter(rank=rank), ffn=kt.Shapeshifter(rank=rank), init=init, **options)
 
 
 def peak_rss() -> int:
@@ -217,13 +217,12 @@ def check_first_block(folder: str, rank: int) -> bool:
     from transformers import LlamaForCausalLM
 
     import kron_transformers as kt
-    import kron_transformers.factorizations.kronecker as kronecker
 
-    kronecker.CALIBRATED_TIME_RATIO = None  # a fixed number of ALS sweeps, not a wall-clock budget
+    config = kron_config("calibrated", rank, calibration_time_ratio=None)  # fixed ALS sweeps, no time budget
     data = calibration_batches(2, 16, PRESETS["tiny"][4])
-    state = kt.compress_pretrained(folder, kron_config("calibrated", rank), data).state_dict()
+    state = kt.compress_pretrained(folder, config, data).state_dict()
     dense = LlamaForCausalLM.from_pretrained(folder)
-    expected = kt.compress_model(dense, kron_config("calibrated", rank), calibration_data=data).state_dict()
+    expected = kt.compress_model(dense, config, calibration_data=data).state_dict()
     first = [key for key in expected if key.startswith("model.layers.0.")]
     return bool(first) and all(torch.equal(state[key], expected[key]) for key in first)
 

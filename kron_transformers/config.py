@@ -34,6 +34,7 @@ from .factorizations.tensor_train import (
     tt_num_parameters,
     tt_shapes,
 )
+from .factorizations.weighted import CALIBRATED_TIME_RATIO
 
 
 logger = logging.getLogger(__name__)
@@ -547,6 +548,13 @@ class KronConfig(QuantizationConfigMixin):
             "of the layer outputs on calibration data (compress_model(..., calibration_data=)); 'random'."
         },
     )
+    calibration_time_ratio: float | None = field(
+        default=CALIBRATED_TIME_RATIO,
+        metadata={
+            "help": "init='calibrated': the Kronecker-sum solvers refine each layer for about this many times its "
+            "svd fit's time; None: their full sweep budget (slower, better, independent of machine load)."
+        },
+    )
     version: int = field(default=1, metadata={"help": "Format version of this config."})
     modules: dict[str, dict[str, Any]] | None = field(
         default=None,
@@ -575,6 +583,11 @@ class KronConfig(QuantizationConfigMixin):
                 setattr(self, name, list(value))
         if self.init not in INITS:
             raise ValueError(f"KronConfig.init: expected one of {INITS}, got {self.init!r}")
+        ratio = self.calibration_time_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
+            raise ValueError(
+                f"KronConfig.calibration_time_ratio: expected a positive number or None (no time cap), got {ratio!r}"
+            )
         if not any(getattr(self, name) is not None for name in (*ROLES, "default")) and not any(
             spec is not None for spec in self.rules.values()
         ):

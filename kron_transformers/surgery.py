@@ -22,7 +22,7 @@ from torch import nn
 from .calibration import CalibrationStats, calibrate
 from .config import EMBEDDING, LINEAR, KronConfig, MethodSpec
 from .factorizations import build_factorization
-from .factorizations.weighted import row_weighted_error, weighted_error
+from .factorizations.weighted import CALIBRATED_TIME_RATIO, row_weighted_error, weighted_error
 from .matching import ALL_LINEAR, pattern_matches, rule_matches
 from .modules import (
     COMPRESSED_MODULES,
@@ -249,6 +249,7 @@ def _initialize(
     init: str,
     stats: CalibrationStats | None,
     release_statistics: bool = False,
+    time_ratio: float | None = CALIBRATED_TIME_RATIO,
 ) -> None:
     """Fill ``factorization`` by ``init``. ``calibrated`` weights linears by their input second moment and
     embeddings by token frequency; it falls back to ``svd`` (recording why) where no weighted solver
@@ -259,7 +260,8 @@ def _initialize(
     of the error, ``b' = b + (W - W_hat) mu`` (``plan.bias_shift``): the output error
     ``E||(W x + b) - (W_hat x + b')||^2 = tr(D (C - mu mu^T) D^T)`` is never above the uncentred fit's
     ``tr(D C D^T)``. ``release_statistics`` drops the layer's float64 sums from ``stats`` once its ``C`` is
-    converted (block-by-block calibration: they are not needed again)."""
+    converted (block-by-block calibration: they are not needed again). ``time_ratio``: the calibrated solvers' time
+    cap (``KronConfig.calibration_time_ratio``)."""
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(
@@ -286,7 +288,7 @@ def _initialize(
         factorization.reset_random(float(weight.detach().float().std()))
         plan.init_used = "random"
     elif init == "calibrated" and second_moment is not None:
-        errors = factorization.fit_calibrated(weight, error_moment)
+        errors = factorization.fit_calibrated(weight, error_moment, time_ratio)
         plan.init_error = factorization.relative_error(weight) if errors is not None else factorization.fit(weight)
         plan.init_used = (
             "calibrated" if errors is not None else f"svd (no memory-bounded weighted solver for {plan.spec.method})"
@@ -336,10 +338,11 @@ def _factorize(
     stats: CalibrationStats | None,
     requires_grad: bool,
     release_statistics: bool = False,
+    time_ratio: float | None = CALIBRATED_TIME_RATIO,
 ) -> nn.Module:
     """The plan's factorization, initialized from ``weight`` (``(rows, cols)``, on its device and dtype)."""
     factorization = build_factorization(plan.structure, plan.rows, plan.cols).to(weight.device, weight.dtype)
-    _initialize(plan, factorization, weight, init, stats, release_statistics)
+    _initialize(plan, factorization, weight, init, stats, release_statistics, time_ratio)
     factorization.requires_grad_(requires_grad)  # a frozen dense weight gives frozen factors
     return factorization
 
@@ -375,11 +378,12 @@ def _build(
     built_embeddings: dict[int, FactorizedEmbedding],
     stats: CalibrationStats | None,
     release_statistics: bool = False,
+    time_ratio: float | None = CALIBRATED_TIME_RATIO,
 ) -> None:
     factorization = None
     if plan.kind != KIND_TIED_HEAD:
         weight = _weight_matrix(plan.info.module)
-        factorization = _factorize(plan, weight, init, stats, weight.requires_grad, release_statistics)
+        factorization = _factorize(plan, weight, init, stats, weight.requires_grad, release_statistics, time_ratio)
     _wrap(plan, factorization, built_embeddings)
 
 
@@ -596,7 +600,7 @@ def compress_model(
     built_embeddings: dict[int, FactorizedEmbedding] = {}
     order = build_order(plans)
     for plan in order:
-        _build(plan, config.init, built_embeddings, stats)
+        _build(plan, config.init, built_embeddings, stats, time_ratio=config.calibration_time_ratio)
     swap_in(model, config, order)
     return model
 

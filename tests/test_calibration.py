@@ -125,6 +125,27 @@ def test_calibrate_collects_every_linear_and_removes_its_hooks():
     assert stats.rows_seen["bert.encoder.layer.0.attention.self.query"] == 3 * 3 * 7
 
 
+@pytest.mark.parametrize("ratio", [None, 0.5])
+def test_calibration_time_ratio_reaches_the_weighted_solver_and_the_saved_config(monkeypatch, ratio):
+    import kron_transformers.factorizations.kronecker as kronecker
+
+    seen = []
+    solver = kronecker.weighted_kronecker_sum
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["time_ratio"])
+        return solver(*args, **kwargs)
+
+    monkeypatch.setattr(kronecker, "weighted_kronecker_sum", spy)
+    model = build_model("bert")
+    batches = [{"input_ids": make_inputs("bert", seed)["input_ids"]} for seed in range(2)]
+    config = kt.KronConfig(attention=kt.Shapeshifter(rank=2), init="calibrated", calibration_time_ratio=ratio)
+    kt.compress_model(model, config, calibration_data=batches)
+    assert seen and set(seen) == {ratio}
+    saved = kt.KronConfig.from_dict(model.config.quantization_config.to_dict())
+    assert saved.calibration_time_ratio == ratio
+
+
 def test_second_moment_in_the_solve_precision_is_the_float64_moment_rounded_once(monkeypatch):
     """``second_moment(name, float32)`` divides in float64 chunk by chunk and rounds once: the same numbers as
     rounding the float64 moment, without a second float64 copy; ``discard`` frees a layer's sums."""

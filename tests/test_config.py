@@ -26,6 +26,8 @@ from kron_transformers.config import EMBEDDING, LINEAR, optimal_kpd_block
         (lambda: kt.KronConfig(), "no method given"),
         (lambda: kt.KronConfig(attention=kt.Shapeshifter(rank=2), init="kaiming"), "expected one of"),
         (lambda: kt.KronConfig(attention="shapeshifter"), "expected a method spec"),
+        (lambda: kt.KronConfig(ffn=kt.LowRank(rank=2), calibration_time_ratio=0), "positive number or None"),
+        (lambda: kt.KronConfig(ffn=kt.LowRank(rank=2), calibration_time_ratio="fast"), "positive number or None"),
     ],
 )
 def test_invalid_specs_raise_clear_errors(make, message):

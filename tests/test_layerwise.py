@@ -1,6 +1,6 @@
 """``kt.compress_pretrained(init="calibrated")``: block-by-block calibration straight from the checkpoint's shards.
 
-Bit-for-bit comparisons fix the number of ALS sweeps (``CALIBRATED_TIME_RATIO = None``): by default the
+Bit-for-bit comparisons fix the number of ALS sweeps (``calibration_time_ratio=None``): by default the
 weighted Kronecker solver stops on a wall-clock budget, so two runs may refine a layer for different numbers
 of sweeps.
 """
@@ -19,7 +19,6 @@ from conftest import ARCHITECTURES, build_model, make_inputs
 from safetensors.torch import load_file, save_file
 
 import kron_transformers as kt
-import kron_transformers.factorizations.kronecker as kronecker
 from kron_transformers.factorizations import build_factorization
 from kron_transformers.factorizations.weighted import weighted_error
 from kron_transformers.integration import layerwise
@@ -36,23 +35,27 @@ from kron_transformers.surgery import (
 )
 
 
+FIXED_SWEEPS = dict(calibration_time_ratio=None)  # the full ALS sweep budget, not a wall-clock one
+
+
 def blocks_only() -> kt.KronConfig:
-    return kt.KronConfig(attention=kt.Shapeshifter(rank=2), ffn=kt.KPD(rank=2, block_size=(2, 2)), init="calibrated")
+    return kt.KronConfig(
+        attention=kt.Shapeshifter(rank=2), ffn=kt.KPD(rank=2, block_size=(2, 2)), init="calibrated", **FIXED_SWEEPS
+    )
 
 
 def with_embedding() -> kt.KronConfig:
     return kt.KronConfig(
-        embedding=kt.LowRank(rank=4), attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=3), init="calibrated"
+        embedding=kt.LowRank(rank=4),
+        attention=kt.Shapeshifter(rank=2),
+        ffn=kt.LowRank(rank=3),
+        init="calibrated",
+        **FIXED_SWEEPS,
     )
 
 
 def low_rank() -> kt.KronConfig:
-    return kt.KronConfig(attention=kt.LowRank(rank=3), ffn=kt.LowRank(rank=3), init="calibrated")
-
-
-@pytest.fixture(autouse=True)
-def fixed_sweeps(monkeypatch):
-    monkeypatch.setattr(kronecker, "CALIBRATED_TIME_RATIO", None)
+    return kt.KronConfig(attention=kt.LowRank(rank=3), ffn=kt.LowRank(rank=3), init="calibrated", **FIXED_SWEEPS)
 
 
 def batches(architecture: str) -> list[dict[str, torch.Tensor]]:
@@ -99,7 +102,7 @@ def sequential_reference(folder, architecture: str, config: kt.KronConfig, data:
     for name in units:
         stats = kt.calibrate(model, data)
         for plan in [p for p in built if unit(p) == name]:
-            _build(plan, "calibrated", embeddings, stats)
+            _build(plan, "calibrated", embeddings, stats, time_ratio=None)
             moments[plan.info.name] = stats.second_moment(plan.info.name)
             done = [
                 plan,

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weighted import CALIBRATED_TIME_RATIO
+
 
 RELATIVE_ERROR_BLOCK = 2**20  # float64 entries per block of ``relative_error`` (8 MB)
 
@@ -123,11 +125,15 @@ class Factorization(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
+    def fit_calibrated(
+        self, weight: torch.Tensor, second_moment: torch.Tensor, time_ratio: float | None = CALIBRATED_TIME_RATIO
+    ) -> tuple[float, float] | None:
         """Minimize ``||(W - W_hat) C^(1/2)||_F`` for the input second moment ``C``.
 
         Returns the weighted relative error before and after refinement, or None when this
-        factorization has no weighted solver (the caller then uses ``fit``).
+        factorization has no weighted solver (the caller then uses ``fit``). Iterative solvers refine for about
+        ``time_ratio`` times the unweighted fit's time; None: their full sweep budget (slower, better, and
+        independent of the machine's speed and load).
         """
         return None
 

@@ -158,11 +158,13 @@ class KroneckerSum(Factorization):
         return self.relative_error(weight)
 
     @torch.no_grad()
-    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
+    def fit_calibrated(
+        self, weight: torch.Tensor, second_moment: torch.Tensor, time_ratio: float | None = CALIBRATED_TIME_RATIO
+    ) -> tuple[float, float] | None:
         """ALS from the ``svd`` solution, time-capped (``weighted.weighted_kronecker_sum`` and, for order > 2,
         ``weighted_kronecker_sum_higher_order``); None where order > 2 would pass that solver's memory bound."""
         solve = weighted_kronecker_sum if self.order == 2 else weighted_kronecker_sum_higher_order
-        result = solve(weight, second_moment, self.factor_shapes, self.rank, time_ratio=CALIBRATED_TIME_RATIO)
+        result = solve(weight, second_moment, self.factor_shapes, self.rank, time_ratio=time_ratio)
         if result is None:
             return None
         solution, history = result
@@ -263,10 +265,12 @@ class KPDFactorization(Factorization):
         return self.relative_error(weight)
 
     @torch.no_grad()
-    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
+    def fit_calibrated(
+        self, weight: torch.Tensor, second_moment: torch.Tensor, time_ratio: float | None = CALIBRATED_TIME_RATIO
+    ) -> tuple[float, float] | None:
         """``S = 1`` and the weighted Kronecker-sum fit for ``A, B`` (closed form for one-column ``A_i``, else ALS)."""
         (a, b), history = weighted_kronecker_sum(
-            weight, second_moment, self.factor_shapes, self.rank, time_ratio=CALIBRATED_TIME_RATIO
+            weight, second_moment, self.factor_shapes, self.rank, time_ratio=time_ratio
         )
         self.s.fill_(1.0)
         self.a.copy_(a.to(self.a.dtype))

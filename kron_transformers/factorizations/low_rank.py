@@ -10,7 +10,7 @@ from torch import nn
 
 from .base import Factorization, register_factorization
 from .decompositions import truncated_svd_factors
-from .weighted import row_weighted_low_rank, weighted_error, whitened_low_rank
+from .weighted import CALIBRATED_TIME_RATIO, row_weighted_low_rank, weighted_error, whitened_low_rank
 
 
 @register_factorization
@@ -59,8 +59,10 @@ class LowRankFactorization(Factorization):
         return self.relative_error(weight)
 
     @torch.no_grad()
-    def fit_calibrated(self, weight: torch.Tensor, second_moment: torch.Tensor) -> tuple[float, float] | None:
-        """Exact: SVD of ``W C^(1/2)`` mapped back by ``C^(-1/2)`` (no refinement needed)."""
+    def fit_calibrated(
+        self, weight: torch.Tensor, second_moment: torch.Tensor, time_ratio: float | None = CALIBRATED_TIME_RATIO
+    ) -> tuple[float, float] | None:
+        """Exact: SVD of ``W C^(1/2)`` mapped back by ``C^(-1/2)`` (no refinement: ``time_ratio`` unused)."""
         left, right = whitened_low_rank(weight, second_moment, self.rank)
         self.left.copy_(left.to(self.left.dtype))
         self.right.copy_(right.to(self.right.dtype))

@@ -346,7 +346,14 @@ class LayerwiseCalibration:
             for handle in handles:
                 handle.remove()
         for plan in unit.plans:
-            _build(plan, self.config.init, self.built_embeddings, stats, release_statistics=True)
+            _build(
+                plan,
+                self.config.init,
+                self.built_embeddings,
+                stats,
+                release_statistics=True,
+                time_ratio=self.config.calibration_time_ratio,
+            )
             self.dense_parameters += plan.rows * plan.cols
             self.compressed_parameters += sum(p.numel() for p in plan.replacements[0].factorization.parameters())
             built = [plan]
