@@ -41,6 +41,8 @@ from calibration import batches as encode  # the same tokenization and pooling a
 from calibration import default_model
 from calibration import sentence_embeddings as embed
 
+from kron_transformers.factorizations.weighted import CALIBRATED_TIME_RATIO
+
 
 METHODS = ("Shapeshifter", "LowRank", "KPD")
 STAGES = ("svd", "calibrated", "refit", "recover")
@@ -70,7 +72,7 @@ def fidelity(model, evaluation: list[dict], reference: torch.Tensor) -> dict:
     }
 
 
-def config_for(method: str, ratio: float, init: str, dense):
+def config_for(method: str, ratio: float, init: str, dense, time_ratio: float | None = CALIBRATED_TIME_RATIO):
     import kron_transformers as kt
 
     if method == "Shapeshifter":
@@ -88,8 +90,8 @@ def config_for(method: str, ratio: float, init: str, dense):
             rows, cols = module.weight.shape
             ranks[row.name] = max(1, row.compressed_parameters // (rows + cols))
         rules = {name: kt.LowRank(rank=rank) for name, rank in ranks.items()}
-        return kt.KronConfig(target_modules=list(rules), rules=rules, init=init)
-    return kt.KronConfig(attention=spec, ffn=spec, init=init)
+        return kt.KronConfig(target_modules=list(rules), rules=rules, init=init, calibration_time_ratio=time_ratio)
+    return kt.KronConfig(attention=spec, ffn=spec, init=init, calibration_time_ratio=time_ratio)
 
 
 def peak_rss_mb() -> float:
@@ -113,7 +115,7 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
     reference = embed(dense, evaluation)
     loaded_mb = peak_rss_mb()
     init = args.recover_from if stage == "recover" else "calibrated" if stage == "refit" else stage
-    config = config_for(method, ratio, init, dense)
+    config = config_for(method, ratio, init, dense, args.calibration_time_ratio)
     start, cpu = time.perf_counter(), time.process_time()
     model = kt.compress_model(copy.deepcopy(dense), config, calibration_data=calibration if init != "svd" else None)
     record = {
@@ -193,14 +195,25 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
                 "distill_steps",
                 "distill_lr",
                 "threads",
+                "calibration_time_ratio",
             )
         },
     )
     return record
 
 
+def stage_label(record: dict, row: dict) -> str:
+    """``svd``, ``calibrated``, ``calibrated +refit``, ...; ``(full ALS)`` marks ``calibration_time_ratio=None``."""
+    init = record["init"]
+    if init == "calibrated" and record["settings"].get("calibration_time_ratio", CALIBRATED_TIME_RATIO) is None:
+        init = "calibrated (full ALS)"
+    return init if row["stage"] in ("svd", "calibrated") else f"{init} {row['stage']}"
+
+
 def row_path(args: argparse.Namespace, method: str, ratio: float, stage: str) -> Path:
     suffix = f"-{args.recover_from}" if stage == "recover" else ""
+    if args.calibration_time_ratio != CALIBRATED_TIME_RATIO:
+        suffix += f"-ratio{args.calibration_time_ratio}"
     return Path(args.output) / f"{method}-{ratio:g}x-{stage}{suffix}.json"
 
 
@@ -218,7 +231,7 @@ def table(records: list[dict]) -> str:
     flat = [(r, row) for r in records if "rows" in r for row in r["rows"]]
     flat.sort(key=lambda item: (METHODS.index(item[0]["method"]), item[0]["ratio"], order[item[1]["stage"]]))
     for record, row in flat:
-        stage = row["stage"] if row["stage"] in ("svd", "calibrated") else f"{record['init']} {row['stage']}"
+        stage = stage_label(record, row)
         lines.append(
             f"| {record['method']} | {record['ratio']:g}x | {record['parameters'] / 1e6:.2f} | {stage} | "
             f"{row['cosine']:.3f} | {row['neighbour_agreement']:.3f} | {row['seconds']:.0f} | "
@@ -242,7 +255,7 @@ def plot(records: list[dict], path: Path) -> None:
     lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for record in records:
         for row in record.get("rows", []):
-            stage = row["stage"] if row["stage"] in ("svd", "calibrated") else f"{record['init']} {row['stage']}"
+            stage = stage_label(record, row)
             lines.setdefault((record["method"], stage), []).append((record["parameters"] / 1e6, row["cosine"]))
     stages = sorted({stage for _, stage in lines})
     colors = {stage: plt.get_cmap("tab10")(i) for i, stage in enumerate(stages)}  # colour = stage
@@ -294,6 +307,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--distill-lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--calibration-time-ratio",
+        type=lambda value: None if value == "none" else float(value),
+        default=CALIBRATED_TIME_RATIO,
+        help="KronConfig.calibration_time_ratio of the calibrated rows ('none': the full ALS sweep budget)",
+    )
     parser.add_argument(
         "--row-timeout", type=float, default=1800, help="seconds before a row is recorded as timed out"
     )
