@@ -337,12 +337,9 @@ def _refit_linear(
     damped = moment + damping * float(moment.diagonal().mean().clamp_min(1e-30)) * torch.eye(size, dtype=moment.dtype)
     target = torch.linalg.solve(damped, cross_moment.T @ weight64.T).T  # W M (C~ + lambda I)^-1 (symmetric C~)
     factorization = module.factorization
-    saved = [p.detach().clone() for p in factorization.parameters()]
     dtype = torch.promote_types(weight.dtype, torch.float32)
     if factorization.fit_calibrated(target.to(dtype), moment.to(dtype), time_ratio) is None:
-        for parameter, value in zip(factorization.parameters(), saved):
-            parameter.copy_(value)
-        return False
+        return False  # no weighted solver: fit_calibrated returned before touching the factors
     if module.bias is not None:
         approximation = factorization.materialize().to(torch.float64)
         dense_bias = 0.0 if bias is None else bias.detach().to(torch.float64)

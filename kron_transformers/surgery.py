@@ -310,9 +310,8 @@ def _initialize(
             plan.init_used = "svd (no calibration input reached this module)"
     if mean is not None:
         approximation = factorization.materialize()
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        difference = weight.to(dtype) - approximation.to(dtype)
-        plan.bias_shift = (difference @ mean.to(weight.device, dtype)).to(weight.dtype)
+        difference = weight.to(solve_dtype) - approximation.to(solve_dtype)
+        plan.bias_shift = (difference @ mean.to(weight.device, solve_dtype)).to(weight.dtype)
         plan.output_error = weighted_error(weight, approximation, second_moment, -plan.bias_shift, mean)
     elif second_moment is not None:
         plan.output_error = weighted_error(weight, factorization.materialize(), second_moment)
