@@ -1,8 +1,9 @@
 """Training KPD layers to block sparsity, choosing the block size, exporting block-sparse weights (Zhu et al.).
 
 - ``l1_penalty`` (eq. 4) and ``proximal_step``: plain Adam + l1 never reaches exact zeros, so after each
-  optimizer step ``S`` is soft-thresholded, ``S <- sign(S) max(|S| - lr * strength, 0)`` (the proximal
-  operator of ``strength * ||S||_1``); ``threshold_and_freeze`` pins small entries at zero for good.
+  optimizer step ``S`` is soft-thresholded, ``S <- sign(S) max(|S| - t, 0)`` (the proximal operator of
+  ``strength * ||S||_1``; with Adam's optimizer passed, ``t`` is per entry in Adam's metric);
+  ``threshold_and_freeze`` pins small entries at zero for good.
 - ``optimal_factor_shapes``: eq. 5, the parameter-minimal ``(m1, n1), (m2, n2)``.
 - Pattern selection (section 5, eq. 7): ``KPD(block_sizes=[...])`` layers hold one KPD term per block
   size; ``pattern_proximal_step`` applies the proximal operator of
@@ -47,17 +48,60 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def proximal_step(model: nn.Module, lr: float, strength: float) -> None:
-    """Soft-threshold every ``S``: the proximal step of ``strength * ||S||_1`` for step size ``lr``.
+def proximal_step(
+    model: nn.Module, lr: float, strength: float, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Soft-threshold every ``S``: the proximal step of ``strength * ||S||_1`` (eq. 4's l1 term) after a step.
 
-    Call after ``optimizer.step()``; entries with ``|S| <= lr * strength`` become exactly 0.
-    Frozen entries (``threshold_and_freeze``) are kept at 0.
+    ``S <- sign(S) max(|S| - t, 0)`` with ``t = lr * strength`` (the proximal gradient step of SGD). Pass the
+    ``optimizer`` when it is Adam or AdamW: the threshold is then per entry, ``t = lr * strength / (sqrt(v_hat) +
+    eps)`` with Adam's bias-corrected second moment ``v_hat``, the proximal operator in the metric Adam steps in
+    (proximal Adam; Yun et al., NeurIPS 2021). Its fixed points are eq. 4's stationary points: an entry stays at 0
+    exactly when ``|dJ/dS| <= strength``, so ``strength`` is eq. 4's lambda. With the plain threshold after an Adam
+    step, every entry moves by about ``lr`` whatever its gradient, and nothing reaches 0 unless ``strength``
+    nears 1. Call after ``optimizer.step()``; frozen entries (``threshold_and_freeze``) stay at 0.
     """
-    threshold = lr * strength
-    for factorization in kpd_factorizations(model).values():
+    factorizations = kpd_factorizations(model)
+    if optimizer is not None:
+        step_sizes = _adam_step_sizes(optimizer, {name: f.s for name, f in factorizations.items()})
+    for name, factorization in factorizations.items():
         s = factorization.s
+        if optimizer is None:
+            threshold = lr * strength
+        elif step_sizes[name] is None:
+            continue  # the optimizer has not stepped this S yet (no gradient so far)
+        else:
+            threshold = lr * strength * step_sizes[name]
         s.copy_(torch.sign(s) * (s.abs() - threshold).clamp_min(0))
         _apply_freeze_mask(factorization)
+
+
+def _adam_step_sizes(
+    optimizer: torch.optim.Optimizer, parameters: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor | None]:
+    """Per named parameter, Adam's ``1 / (sqrt(v_hat) + eps)`` (its step: ``lr m_hat`` times it); None if unstepped."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the real one
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or any(
+        g.get("amsgrad") for g in inner.param_groups
+    ):
+        raise TypeError(
+            f"proximal_step: optimizer= needs torch.optim.Adam or AdamW without amsgrad, got {type(inner).__name__}; "
+            "for other optimizers call it without optimizer= (threshold lr * strength)"
+        )
+    groups = {id(p): group for group in inner.param_groups for p in group["params"]}
+    sizes: dict[str, torch.Tensor | None] = {}
+    for name, p in parameters.items():
+        if id(p) not in groups:
+            raise ValueError(
+                f"proximal_step: {name}.s is not among the optimizer's parameters; pass the optimizer that trains "
+                "the model"
+            )
+        state, (_, beta2), eps = inner.state.get(p), groups[id(p)]["betas"], groups[id(p)]["eps"]
+        sizes[name] = None
+        if state and "exp_avg_sq" in state:
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+            sizes[name] = 1 / (v_hat.sqrt() + eps)
+    return sizes
 
 
 def _apply_freeze_mask(factorization: KPDFactorization) -> None:

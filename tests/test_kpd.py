@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -65,6 +66,76 @@ def test_adam_with_l1_alone_never_zeroes_s_but_the_proximal_step_does():
         results[use_proximal] = kt.kpd.sparsity(model)
     assert all(value == 0.0 for value in results[False].values())
     assert all(value > 0.1 for value in results[True].values())
+
+
+def kpd_lasso(precondition: bool, strength: float = 1e-3, steps: int = 1500):
+    """Eq. 4 with A, B fixed (convex in S): full-batch Adam, cosine lr, the proximal step; S and dJ/dS at the end."""
+    torch.manual_seed(0)
+    config = kt.KronConfig(default=kt.KPD(rank=2, block_size=(2, 2)), target_modules=["0"])
+    model = kt.compress_model(nn.Sequential(nn.Linear(32, 16)), config).double()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=generator, dtype=torch.float64)
+    y = torch.randn(256, 16, generator=generator, dtype=torch.float64)
+    s = next(iter(kt.kpd.kpd_factorizations(model).values())).s
+    for parameter in model.parameters():
+        parameter.requires_grad_(parameter is s)
+    optimizer = torch.optim.Adam([s], lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        schedule.step()
+        kt.kpd.proximal_step(model, lr=lr, strength=strength, optimizer=optimizer if precondition else None)
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    return s.detach(), s.grad
+
+
+def test_proximal_step_in_adams_metric_reaches_the_l1_problems_optimum():
+    """Eq. 4's optimality conditions: dJ/dS = -lambda sign(S) where S != 0, |dJ/dS| <= lambda where S = 0."""
+    strength = 1e-3
+    s, grad = kpd_lasso(precondition=True, strength=strength)
+    zero = s == 0
+    assert 0.2 < zero.float().mean() < 0.9
+    assert grad[zero].abs().max() <= strength * 1.001
+    torch.testing.assert_close(grad[~zero], -strength * torch.sign(s[~zero]), rtol=0, atol=0.02 * strength)
+    # The plain threshold lr * strength after Adam's steps ignores lambda: no zeros, about the unregularized optimum.
+    s, grad = kpd_lasso(precondition=False, strength=strength)
+    assert not (s == 0).any() and (grad + strength * torch.sign(s)).abs().min() > 0.8 * strength
+
+
+def test_proximal_step_with_adam_is_the_soft_threshold_at_adams_step_sizes():
+    model = kpd_mlp()
+    x, y = regression_data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    before = {name: f.s.detach().clone() for name, f in kt.kpd.kpd_factorizations(model).items()}
+    kt.kpd.proximal_step(model, lr=1e-2, strength=0.05, optimizer=optimizer)
+    for name, f in kt.kpd.kpd_factorizations(model).items():
+        state = optimizer.state[f.s]
+        v_hat = state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
+        threshold = 1e-2 * 0.05 / (v_hat.sqrt() + 1e-6)
+        expected = torch.sign(before[name]) * (before[name].abs() - threshold).clamp_min(0)
+        torch.testing.assert_close(f.s.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "optimizer, error, message",
+    [
+        (lambda model: torch.optim.SGD(model.parameters(), lr=0.1), TypeError, "needs torch.optim.Adam or AdamW"),
+        (lambda model: torch.optim.Adam(model.parameters(), amsgrad=True), TypeError, "without amsgrad"),
+        (lambda model: torch.optim.Adam([nn.Parameter(torch.ones(1))]), ValueError, "0.factorization.s is not among"),
+    ],
+)
+def test_proximal_step_rejects_an_optimizer_it_cannot_precondition_with(optimizer, error, message):
+    model = kpd_mlp()
+    with pytest.raises(error, match=message):
+        kt.kpd.proximal_step(model, lr=1e-2, strength=1.0, optimizer=optimizer(model))
 
 
 def test_sparsity_counts_with_abs():

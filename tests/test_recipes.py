@@ -162,6 +162,14 @@ def test_summarization_compresses_a_pretrained_folder_with_svd_on_local_jsonl(tm
     assert saved["init"] == "svd" and 0 < saved["modules"]["shared"]["init_error"] < 1
 
 
+def test_kpd_l1_is_applied_in_adamws_metric(tmp_path):
+    """With AdamW, lambda is eq. 4's: |dJ/dS| is far below 0.5 here, so two steps switch off nearly every block
+    (the plain threshold lr * 0.5 <= 0.005 would leave S, initialized to ones, all non-zero)."""
+    output = tmp_path / "out"
+    results = image_classification.main([*IMAGES, "--max_steps", "2", "--kpd_l1", "0.5", "--output_dir", str(output)])
+    assert results["kpd"]["block_sparsity"] > 0.9
+
+
 def test_image_classification_with_kpd_l1_from_npz(tmp_path):
     parts = builtin.images(size=300)
     images, labels, classes = parts["train"]
@@ -171,7 +179,7 @@ def test_image_classification_with_kpd_l1_from_npz(tmp_path):
         [*IMAGES, "--train_file", str(tmp_path / "train.npz"), "--max_steps", "3", "--output_dir", str(output)]
     )
     assert results["eval_split"] == "validation" and 0 <= results["metrics"]["validation_accuracy"] <= 100
-    assert results["arguments"]["kpd_l1"] == 0.001 and (output / "preprocessor_config.json").is_file()
+    assert results["arguments"]["kpd_l1"] == 3e-5 and (output / "preprocessor_config.json").is_file()
     kpd = results["kpd"]  # Zhu et al.'s columns: switched-off blocks, non-zeros the block-sparse layers keep
     assert 0 <= kpd["block_sparsity"] <= 1 and 0 < kpd["inference_nonzeros"] <= kpd["dense_entries"]
     config = json.loads((output / "config.json").read_text())

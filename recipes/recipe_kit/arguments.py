@@ -181,7 +181,8 @@ class TrainArguments:
     kpd_l1: float = field(
         default=0.0,
         metadata={
-            "help": "KPD layers: strength of the l1 proximal step on S after each optimizer step (Zhu et al., eq. 4)."
+            "help": "KPD layers: lambda of eq. 4's l1 term on S (Zhu et al.), applied as a proximal step after each "
+            "optimizer step (with AdamW in Adam's metric, so an entry of S stays 0 while |dJ/dS| <= lambda)."
         },
     )
     augment: bool = field(default=True, metadata={"help": "Images: random crop and horizontal flip while training."})

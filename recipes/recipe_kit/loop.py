@@ -234,7 +234,8 @@ def train(task: Task, arguments: RecipeArguments, accelerator: Accelerator) -> d
             scheduler.step()
             completed += 1
             if args.kpd_l1 > 0:
-                kt.kpd.proximal_step(unwrapped, lr=learning_rate, strength=args.kpd_l1)
+                adam = optimizer if args.optimizer == "adamw" else None  # LAMB: the plain threshold lr * l1
+                kt.kpd.proximal_step(unwrapped, lr=learning_rate, strength=args.kpd_l1, optimizer=adam)
             hook_metrics = kt.on_train_step(unwrapped, completed, optimizer)
             last_loss = sum(step_losses) / len(step_losses)
             step_losses = []
