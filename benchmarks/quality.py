@@ -26,8 +26,7 @@ every ``eval_steps``, patience 2), and the best validation weights are the ones 
 - **Image classification, CIFAR-10**: the 10,000 shipped images shuffled with seed 0 and split 8,000 train /
   1,000 validation / 1,000 test; a ViT (32x32, patch 4, d 128, 4 layers) dense, with KPD (Zhu et al., eq. 3; rank
   4, 4x4 blocks, l1 proximal step on S, eq. 4, lambda 1e-5 to 1e-3), and with LowRank at KPD's parameter
-  count. Top-1 accuracy on the
-  test images. 1,500 steps of 64 (12 epochs), validation every 250.
+  count. Top-1 accuracy on the test images. 1,500 steps of 64 (12 epochs), validation every 250.
 
 ``--fraction F`` keeps that share of every split and ``--max-steps N`` caps every budget (a smoke run); the table
 (``OUTPUT/quality_table.md``) and every row (``OUTPUT/quality_rows.json``) are written at the end.
