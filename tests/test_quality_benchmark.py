@@ -93,6 +93,15 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     assert quality.main(arguments) == 0  # resumed: every run has its results.json, nothing is trained
     assert ": done in" not in capsys.readouterr().out
 
+    # --runs limits what is trained, not the rows; --table trains nothing and keeps every finished run
+    assert quality.main([str(data), "--output-dir", str(output), "--tasks", "translation", "--runs", "dense"]) == 0
+    rows = json.loads((output / "quality_rows.json").read_text())
+    assert [row["run"] for row in rows] == ["dense", "shapeshifter"]
+    assert quality.main([str(data), "--output-dir", str(output), "--tasks", "cifar10", "--table"]) == 0
+    assert ": done in" not in capsys.readouterr().out  # the cifar10 LowRank run is not trained
+    rows = json.loads((output / "quality_rows.json").read_text())
+    assert [row["run"] for row in rows] == ["dense", "kpd"]
+
     plots = tmp_path / "plots"
     assert load("plot_results").main([str(output), "--plots-dir", str(plots)]) == 0
     for name in ("quality_vs_parameters.png", "training_curves.png"):
