@@ -46,6 +46,12 @@ def validation_curve(folder: Path) -> tuple[str, list[int], list[float]]:
     return name, steps, scores
 
 
+def run_label(row: dict, rows: list[dict]) -> str:
+    """The method's name, with the run's note where another run of the task has the same method."""
+    twins = [other for other in rows if other["task"] == row["task"] and other["method"] == row["method"]]
+    return row["method"] if len(twins) == 1 else f"{row['method']}: {row['note']}"
+
+
 def plot_quality(rows: list[dict], path: Path) -> None:
     tasks = [task for task in TASK_TITLES if any(row["task"] == task for row in rows)]
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
@@ -56,7 +62,7 @@ def plot_quality(rows: list[dict], path: Path) -> None:
                 row["metrics"][MAIN_METRIC[task]],
                 marker=MARKERS.get(row["method"], "x"),
                 s=70,
-                label=f"{row['method']} ({row['fewer_than_dense']:.1f}x fewer)",
+                label=f"{run_label(row, rows)} ({row['fewer_than_dense']:.1f}x fewer)",
             )
         axis.set_xscale("log")
         axis.set_xlabel("parameters")
@@ -77,7 +83,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             if not steps:
                 continue
             axis.set_ylabel(metric.replace("_", " "))
-            (line,) = axis.plot(steps, scores, marker=".", label=row["method"])
+            (line,) = axis.plot(steps, scores, marker=".", label=run_label(row, rows))
             if row.get("best_step") in steps:
                 best = steps.index(row["best_step"])
                 axis.scatter([steps[best]], [scores[best]], color=line.get_color(), s=80, facecolors="none")
