@@ -93,6 +93,11 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     assert quality.main(arguments) == 0  # resumed: every run has its results.json, nothing is trained
     assert ": done in" not in capsys.readouterr().out
 
+    plots = tmp_path / "plots"
+    assert load("plot_results").main([str(output), "--plots-dir", str(plots)]) == 0
+    for name in ("quality_vs_parameters.png", "training_curves.png"):
+        assert (plots / name).stat().st_size > 10_000
+
     # --runs limits what is trained, not the rows; --table trains nothing and keeps every finished run
     assert quality.main([str(data), "--output-dir", str(output), "--tasks", "translation", "--runs", "dense"]) == 0
     rows = json.loads((output / "quality_rows.json").read_text())
@@ -101,11 +106,6 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     assert ": done in" not in capsys.readouterr().out  # the cifar10 LowRank run is not trained
     rows = json.loads((output / "quality_rows.json").read_text())
     assert [row["run"] for row in rows] == ["dense", "kpd"]
-
-    plots = tmp_path / "plots"
-    assert load("plot_results").main([str(output), "--plots-dir", str(plots)]) == 0
-    for name in ("quality_vs_parameters.png", "training_curves.png"):
-        assert (plots / name).stat().st_size > 10_000
 
 
 def test_plot_results_names_the_missing_rows(tmp_path, capsys):
