@@ -14,11 +14,11 @@ every ``eval_steps``, patience 2), and the best validation weights are the ones 
   3+3 layers, d_ff 1024) dense; the same T5 with Shapeshifter (Panahi, section 4.3) on the embedding and every
   attention and feed-forward matrix, twice (embedding rank 32 and attention/FFN rank 16; and embedding rank 96,
   attention/FFN rank 10, which gives the embedding half of the parameters as Panahi's 16/256 does); the same T5 with
-  LowRank at Shapeshifter's per-role parameter ratios; a narrower dense T5 with about Shapeshifter's parameter count
-  (the fair baseline). sacreBLEU on test_2016_flickr, greedy. Budget 2,400 steps of 64 pairs (5.3 epochs; LAMB 1e-2 as
-  Panahi trains, 100 warm-up steps, linear decay), validation BLEU every 400. LAMB's per-tensor trust ratio makes
-  every step a relative change of each tensor, which T5's N(0, 1) tied embedding needs: AdamW's absolute steps barely
-  move it (measured: BLEU 6.3 after 2,000 AdamW steps, 24.3 after 1,200 LAMB steps).
+  LowRank at each Shapeshifter run's per-role parameter ratios; a narrower dense T5 with about Shapeshifter's
+  parameter count (the fair baseline). sacreBLEU on test_2016_flickr, greedy. Budget 2,400 steps of 64 pairs (5.3
+  epochs; LAMB 1e-2 as Panahi trains, 100 warm-up steps, linear decay), validation BLEU every 400. LAMB's per-tensor
+  trust ratio makes every step a relative change of each tensor, which T5's N(0, 1) tied embedding needs: AdamW's
+  absolute steps barely move it (measured: BLEU 6.3 after 2,000 AdamW steps, 24.3 after 1,200 LAMB steps).
 - **Summarization, AESLC** (email body -> subject line): an 8,000-token BPE vocabulary; a T5 (d_model 256, 2+2
   layers) with a dense embedding, a word2ketXS embedding (Panahi, section 3.3; order 2, rank 10: 71x smaller),
   and a LowRank embedding of the same size. ROUGE-1/2/L F1 on the test split, greedy. 1,000 steps of 32
@@ -188,6 +188,9 @@ def translation_runs(data: Path, fraction: float, cap: int | None) -> list[Run]:
             SHAPESHIFTER_HALF_EMBEDDING, "embedding rank 96, attention/FFN rank 10"),
         Run("translation", "lowrank", "LowRank", "translation", [*common, *wide],
             matched_low_rank(t5(VOCAB, **WIDE_T5), SHAPESHIFTER), "Shapeshifter's per-role ratios"),
+        Run("translation", "lowrank_half_embedding", "LowRank", "translation", [*common, *wide],
+            matched_low_rank(t5(VOCAB, **WIDE_T5), SHAPESHIFTER_HALF_EMBEDDING),
+            "the half-embedding Shapeshifter's per-role ratios"),
         Run("translation", "dense_narrow", "dense (narrow)", "translation",
             [*common, "--config_overrides", overrides(narrow)], None, f"d_model {narrow['d_model']}"),
     ]  # fmt: skip

@@ -32,8 +32,11 @@ the covariances instead and its bias set to ``b + W mu - W_hat mu~``. With ``tar
 (``compress_model(init="calibrated")`` then ``reconstruct(steps=0, refit=True)``, 512 Multi30k training
 sentences, the cosine to the dense sentence embeddings on 1000 test sentences): see ``benchmarks/RESULTS.md``.
 
-Memory: one block's cached inputs and targets (plus its positional arguments and keyword arguments such
-as attention masks and rotary position embeddings, captured by a forward pre-hook), never the whole model's.
+Memory: one block's cached inputs, outputs and targets (plus its positional arguments and keyword arguments
+such as attention masks and rotary position embeddings, captured by a forward pre-hook), never the whole
+model's. Time: a block's inputs are the previous block's outputs (checked on one batch; otherwise the model
+runs up to the block), and the refit's passes stop at the linears they read, so each block costs a few passes
+over the calibration data besides its Adam steps.
 """
 
 from __future__ import annotations
@@ -213,14 +216,63 @@ def _execution_order(model: nn.Module, names: list[str], batch: dict) -> list[st
     return seen
 
 
-def _relative_error(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor]) -> float:
-    error = energy = 0.0
-    with torch.no_grad():
-        for (args, kwargs), target in zip(inputs, targets):
-            output = _first_tensor(block(*args, **kwargs))
-            error += float((output - target).pow(2).sum())
-            energy += float(target.pow(2).sum())
+@torch.no_grad()
+def _block_outputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    return [_first_tensor(block(*args, **kwargs)).detach() for args, kwargs in inputs]
+
+
+def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    error = sum(float((output - target).pow(2).sum()) for output, target in zip(outputs, targets))
+    energy = sum(float(target.pow(2).sum()) for target in targets)
     return error / max(energy, 1e-30)
+
+
+def _with_hidden(inputs: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict] | None:
+    """A block's ``(args, kwargs)`` with its hidden states (the first argument, or ``hidden_states=``) replaced by
+    ``hidden``; None when it has no hidden-state tensor there."""
+    args, kwargs = inputs
+    if args and isinstance(args[0], torch.Tensor):
+        return (hidden, *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return args, {**kwargs, "hidden_states": hidden}
+    return None
+
+
+def _same(first, second) -> bool:
+    """Structurally equal block inputs (tensors: same shape and values)."""
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(second, torch.Tensor)
+            and first.shape == second.shape
+            and torch.equal(first, second)
+        )
+    if isinstance(first, (tuple, list)) and isinstance(second, (tuple, list)):
+        return len(first) == len(second) and all(_same(a, b) for a, b in zip(first, second))
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(_same(first[k], second[k]) for k in first)
+    return first is second or (type(first) is type(second) and first == second)
+
+
+def _next_block_inputs(
+    model: nn.Module,
+    name: str,
+    batches: list[dict],
+    inputs: list[tuple[tuple, dict]],
+    outputs: list[torch.Tensor],
+) -> list[tuple[tuple, dict]]:
+    """The inputs of block ``name`` on every batch, given the previous block's ``inputs`` and ``outputs``.
+
+    In a stack the next block reads the previous block's output with the same other arguments (masks, position
+    embeddings); that is checked on the first batch against a real capture, and then the other batches take
+    ``outputs`` as they are: no forward through the blocks before. Otherwise (the first decoder block, a block
+    that is handed a position bias its predecessor made, ...) the model runs up to the block on every batch.
+    """
+    first = _capture_inputs(model, name, batches[:1])[0]
+    chained = [_with_hidden(block_inputs, output) for block_inputs, output in zip(inputs, outputs)]
+    if all(block_inputs is not None for block_inputs in chained) and _same(first, chained[0]):
+        return chained
+    return [first, *_capture_inputs(model, name, batches[1:])]
 
 
 def _trainable_parameters(block: nn.Module, trainable: str) -> list[nn.Parameter]:
@@ -279,22 +331,29 @@ def _group_moments(
     seen: dict[str, torch.Tensor] = {}
 
     def keep(label):
-        def hook(module, args, output):
-            seen.setdefault(label, args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64))
+        def hook(module, args):
+            seen[label] = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            raise _StopForward  # the rest of the block is not needed
 
         return hook
 
+    def run_until_group(block: nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            block(*args, **kwargs)
+        except _StopForward:
+            return
+
     handles = [
-        student_block.get_submodule(members[0]).register_forward_hook(keep("student")),
-        teacher_block.get_submodule(members[0]).register_forward_hook(keep("teacher")),
+        student_block.get_submodule(members[0]).register_forward_pre_hook(keep("student")),
+        teacher_block.get_submodule(members[0]).register_forward_pre_hook(keep("teacher")),
     ]
     student_gram = cross = student_sum = teacher_sum = None
     count = 0
     try:
         for (args, kwargs), (source_args, source_kwargs) in zip(inputs, source):
             seen.clear()
-            student_block(*args, **kwargs)
-            teacher_block(*source_args, **source_kwargs)
+            run_until_group(student_block, args, kwargs)
+            run_until_group(teacher_block, source_args, source_kwargs)
             student_x, teacher_x = seen["student"], seen["teacher"]
             if student_gram is None:
                 size = student_x.shape[1]
@@ -425,19 +484,18 @@ def reconstruct(
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=len(names) * steps, desc="reconstruct", disable=not show)
     try:
-        for name in names:
+        inputs = _capture_inputs(student, names[0], batches)
+        source = inputs if target_inputs == "student" else _capture_inputs(teacher, names[0], batches)
+        for position, name in enumerate(names):
             student_block, teacher_block = student.get_submodule(name), teacher.get_submodule(name)
-            inputs = _capture_inputs(student, name, batches)
-            source = inputs if target_inputs == "student" else _capture_inputs(teacher, name, batches)
-            with torch.no_grad():
-                targets = [_first_tensor(teacher_block(*args, **kwargs)).detach() for args, kwargs in source]
+            targets = _block_outputs(teacher_block, source)
             parameters = _trainable_parameters(student_block, trainable)
-            before = _relative_error(student_block, inputs, targets)
+            outputs = _block_outputs(student_block, inputs)
+            before = _relative_error(outputs, targets)
             after, taken = before, 0
             saved = copy.deepcopy([p.detach() for p in parameters])
             if refit:
                 _refit_block(student_block, teacher_block, inputs, source, _calibration_time_ratio(student))
-                after = _relative_error(student_block, inputs, targets)
             if parameters and steps:
                 optimizer = torch.optim.Adam(parameters, lr=lr)
                 schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -455,16 +513,26 @@ def reconstruct(
                     bar.update(1)
                     bar.set_postfix(block=name, loss=f"{loss.item():.4f}", refresh=False)
                 taken = steps
-                after = _relative_error(student_block, inputs, targets)
             else:
                 bar.update(steps)
-            if not after < before:
-                with torch.no_grad():
-                    for parameter, value in zip(parameters, saved):
-                        parameter.copy_(value)
-                after = before
+            if refit or taken:
+                outputs = _block_outputs(student_block, inputs)
+                after = _relative_error(outputs, targets)
+                if not after < before:
+                    with torch.no_grad():
+                        for parameter, value in zip(parameters, saved):
+                            parameter.copy_(value)
+                    outputs, after = _block_outputs(student_block, inputs), before
             report.blocks.append(BlockReconstruction(name, before, after, taken, sum(p.numel() for p in parameters)))
-            del inputs, source, targets
+            if position + 1 < len(names):
+                following = names[position + 1]
+                next_inputs = _next_block_inputs(student, following, batches, inputs, outputs)
+                if target_inputs == "student":
+                    source = next_inputs
+                else:
+                    source = _next_block_inputs(teacher, following, batches, source, targets)
+                inputs = next_inputs
+            del outputs, targets
     finally:
         bar.close()
         for parameter in student.parameters():

@@ -75,6 +75,26 @@ def test_calibrated_without_data_and_a_missing_column_fail_in_one_line(saved_ber
     assert not (saved_bert / "kron").exists()
 
 
+def test_text_calibration_batches_are_grouped_by_length():
+    texts = sentences(40)
+    tokenizer = word_tokenizer()
+    grouped, file_order = (calibration_batches(tokenizer, texts, 8, group_by_length=g) for g in (True, False))
+
+    def padding(batches):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    def decoded(batches):
+        return sorted(
+            " ".join(tokenizer.convert_ids_to_tokens([int(i) for i, m in zip(row, mask) if m]))
+            for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"])
+        )  # fmt: skip
+
+    assert padding(file_order) > 0 and padding(grouped) < padding(file_order) / 4
+    assert decoded(grouped) == decoded(file_order) == sorted(texts)
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in grouped]
+    assert lengths == sorted(lengths)
+
+
 def test_image_folder_calibration_inputs(tmp_path):
     from PIL import Image
     from transformers import ViTImageProcessor

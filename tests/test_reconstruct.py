@@ -162,6 +162,54 @@ def test_student_targets_are_the_dense_block_on_the_students_own_inputs():
     assert report.blocks[1].error_after == report.blocks[1].error_before  # steps=0 changes nothing
 
 
+@pytest.mark.parametrize("name, chained", [("bert", True), ("llama", True), ("t5", False)])
+def test_next_block_inputs_are_the_previous_outputs_where_the_stack_passes_them_on(name, chained):
+    """BERT/Llama blocks read their predecessor's output with the same masks: block 1's inputs come from block 0's
+    outputs with one model forward (the check on the first batch). T5's block 0 hands block 1 the position bias
+    it made, so there the model runs up to block 1 on every batch. Either way the inputs equal a real capture."""
+    from kron_transformers.reconstruct import _block_outputs, _capture_inputs, _next_block_inputs, _same
+
+    student, _ = compressed_pair(name)
+    batches = [model_inputs(name, seed) for seed in range(3)]
+    first, second = find_blocks(student)[:2]
+    inputs = _capture_inputs(student, first, batches)
+    outputs = _block_outputs(student.get_submodule(first), inputs)
+    forwards = []  # runs of block 0 inside _next_block_inputs: one per model forward
+    handle = student.get_submodule(first).register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        following = _next_block_inputs(student, second, batches, inputs, outputs)
+    finally:
+        handle.remove()
+    assert len(forwards) == (1 if chained else 3)
+    expected = _capture_inputs(student, second, batches)
+    assert len(following) == 3 and all(_same(a, b) for a, b in zip(following, expected))
+
+
+def test_refit_moments_stop_the_block_at_the_group_input():
+    """The moments of a block's first group (query, key, value) run neither the attention output nor the FFN."""
+    from kron_transformers.reconstruct import _capture_inputs, _group_moments, _refit_groups
+
+    student, teacher = compressed_pair("llama")
+    batches = [model_inputs("llama", seed) for seed in range(2)]
+    inputs = _capture_inputs(student, "model.layers.1", batches)
+    block, dense_block = student.model.layers[1], teacher.model.layers[1]
+    first_group = _refit_groups(block, inputs)[0]
+    later = []
+    handles = [
+        module.register_forward_hook(lambda *_: later.append(1))
+        for module in (block.self_attn.o_proj, block.mlp, dense_block.self_attn.o_proj, dense_block.mlp)
+    ]
+    try:
+        gram, cross, student_sum, _, count = _group_moments(block, dense_block, first_group, inputs, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert later == []
+    assert count == sum(b["input_ids"].numel() for b in batches)
+    assert torch.allclose(gram, cross)  # the same inputs on both sides, and the first group reads the block's norm
+    assert float(gram.trace()) > 0 and student_sum.shape == (gram.shape[0],)
+
+
 def test_encoder_decoder_stacks_are_reconstructed_in_execution_order():
     student, teacher = compressed_pair("t5")
     batches = [model_inputs("t5", seed) for seed in range(2)]
