@@ -327,12 +327,15 @@ def _group_moments(
     source: list[tuple[tuple, dict]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Sums over the calibration tokens of ``x~ x~^T``, ``x x~^T``, ``x~`` and ``x`` (float64) for the group's
-    input: ``x~`` in the student block on its inputs, ``x`` in the teacher block on ``source``."""
+    input: ``x~`` in the student block on its inputs, ``x`` in the teacher block on ``source``. A batch's products
+    are taken in the inputs' precision (at least float32) and summed in float64: a float64 matmul costs about as
+    much as the block passes (MiniLM, 2,048 sentences: 54 of 179 CPU-s of the refit)."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(label):
         def hook(module, args):
-            seen[label] = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            hidden = args[0].detach()
+            seen[label] = hidden.reshape(-1, hidden.shape[-1]).to(torch.promote_types(hidden.dtype, torch.float32))
             raise _StopForward  # the rest of the block is not needed
 
         return hook
@@ -357,12 +360,14 @@ def _group_moments(
             student_x, teacher_x = seen["student"], seen["teacher"]
             if student_gram is None:
                 size = student_x.shape[1]
-                student_gram, cross = student_x.new_zeros(size, size), student_x.new_zeros(size, size)
-                student_sum, teacher_sum = student_x.new_zeros(size), student_x.new_zeros(size)
-            student_gram.addmm_(student_x.T, student_x)
-            cross.addmm_(teacher_x.T, student_x)
-            student_sum += student_x.sum(0)
-            teacher_sum += teacher_x.sum(0)
+                zeros = dict(dtype=torch.float64, device=student_x.device)
+                student_gram, cross = torch.zeros(size, size, **zeros), torch.zeros(size, size, **zeros)
+                student_sum, teacher_sum = torch.zeros(size, **zeros), torch.zeros(size, **zeros)
+            teacher_x = teacher_x.to(student_x.dtype)
+            student_gram += student_x.T @ student_x
+            cross += teacher_x.T @ student_x
+            student_sum += student_x.sum(0, dtype=torch.float64)
+            teacher_sum += teacher_x.sum(0, dtype=torch.float64)
             count += student_x.shape[0]
     finally:
         for handle in handles:
