@@ -7,8 +7,8 @@ parameter count) and KPD at each per-matrix ratio. Stages, each one row:
 
 - ``svd`` / ``calibrated``: ``kt.compress_model(init=...)``, calibrated on ``--calibration`` Multi30k
   training sentences, batched by token count as ``kron_transformers.calibration_data.calibration_batches`` does
-  (``--calibration-order file``: in file order, 42% padding, as the rows before stop 26 were) (time = the whole
-  ``compress_model`` call);
+  (``--calibration-order file`` keeps the file order, 42% padding, as in the rows before stop 26); time = the
+  whole ``compress_model`` call;
 - ``+refit``: then ``kt.reconstruct(steps=0, refit=True)`` on the same sentences: each linear refitted in closed
   form, block by block, to the dense layer's outputs on the compressed model's inputs (no gradient step; time =
   ``compress_model`` plus the refit);
@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 
 import torch
-from calibration import batches as encode  # the same tokenization and pooling as the calibration benchmark
 from calibration import default_model
-from calibration import sentence_embeddings as embed
+from calibration import sentence_embeddings as embed  # the same pooling as the calibration benchmark
 
+from kron_transformers.calibration_data import calibration_batches
 from kron_transformers.factorizations.weighted import CALIBRATED_TIME_RATIO
 
 
@@ -105,7 +105,6 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
     from transformers import AutoModel, AutoTokenizer
 
     import kron_transformers as kt
-    from kron_transformers.calibration_data import calibration_batches
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -115,7 +114,7 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
     test = read_sentences(Path(args.data) / "test_2016_flickr.en.gz", args.eval)
     grouped = args.calibration_order == "length"
     calibration = calibration_batches(tokenizer, train, args.batch_size, args.max_length, group_by_length=grouped)
-    evaluation = encode(tokenizer, test, args.batch_size, args.max_length)
+    evaluation = calibration_batches(tokenizer, test, args.batch_size, args.max_length, group_by_length=False)
     reference = embed(dense, evaluation)
     loaded_mb = peak_rss_mb()
     init = args.recover_from if stage == "recover" else "calibrated" if stage == "refit" else stage

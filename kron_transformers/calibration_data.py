@@ -93,17 +93,20 @@ def calibration_batches(
         raise ValueError(
             f"calibration data: text given, but the model's preprocessor is a {type(preprocessor).__name__}"
         )
-    if texts and group_by_length:
-        lengths = [len(ids) for ids in preprocessor(inputs, truncation=True, max_length=max_length)["input_ids"]]
-        inputs = [inputs[index] for index in sorted(range(len(inputs)), key=lengths.__getitem__)]
+    if not texts:
+        return [
+            dict(preprocessor(images=inputs[start : start + batch_size], return_tensors="pt"))
+            for start in range(0, len(inputs), batch_size)
+        ]
+    encoded = preprocessor(inputs, truncation=True, max_length=max_length)  # once; each batch is padded from it
+    order = list(range(len(inputs)))
+    if group_by_length:
+        order.sort(key=lambda index: len(encoded["input_ids"][index]))
     batches = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        if texts:
-            encoded = preprocessor(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        else:
-            encoded = preprocessor(images=chunk, return_tensors="pt")
-        batches.append(dict(encoded))
-    if texts and group_by_length:
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        features = {key: [values[index] for index in chunk] for key, values in encoded.items()}
+        batches.append(dict(preprocessor.pad(features, return_tensors="pt")))
+    if group_by_length:
         random.Random(0).shuffle(batches)
     return batches
