@@ -32,6 +32,11 @@ every ``eval_steps``, patience 2), and the best validation weights are the ones 
 ``--fraction F`` keeps that share of every split and ``--max-steps N`` caps every budget (a smoke run); the table
 (``OUTPUT/quality_table.md``) and the rows (``OUTPUT/quality_rows.json``) of every finished run of the chosen tasks
 are written at the end (``--runs`` only limits what is trained; ``--table`` trains nothing).
+
+``--seeds 42 43`` trains each chosen run once per seed (the recipes' ``--seed``: initialization, data order,
+dropout). Seed 42, the recipes' default, keeps the folder ``OUTPUT/<task>/<run>``; another seed S trains in
+``OUTPUT/<task>/<run>_seedS``. Every finished seed is a row, and runs with more than one seed get a second table
+with the mean and range of the test metric.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +100,7 @@ KPD = {
 KPD_L1 = {"kpd": "3e-5", "kpd_l1_1e-5": "1e-5", "kpd_l1_1e-4": "1e-4", "kpd_l1_1e-3": "1e-3"}
 IMAGE_STEPS, IMAGE_EVAL = 1500, 250
 PATIENCE = 2
+DEFAULT_SEED = 42  # the recipes' --seed default
 
 # The paper's reported gap per task (compressed minus dense), for the table.
 PAPER = {
@@ -115,6 +122,24 @@ class Run:
     compression: dict | None = None
     note: str = ""
     folder: Path = field(default=Path())
+    seed: int = DEFAULT_SEED
+
+    def at_seed(self, seed: int, output: Path) -> Run:
+        """This run trained with the recipe's ``--seed seed``, in its own folder under ``output``."""
+        folder = output / self.task / (self.name if seed == DEFAULT_SEED else f"{self.name}_seed{seed}")
+        arguments = self.arguments if seed == DEFAULT_SEED else [*self.arguments, "--seed", str(seed)]
+        return replace(self, arguments=arguments, folder=folder, seed=seed)
+
+
+def finished_seeds(run: Run, output: Path) -> list[int]:
+    """The seeds of ``run`` whose results.json exists under ``output``, the default seed first."""
+    seeds = [DEFAULT_SEED] if (output / run.task / run.name / "results.json").is_file() else []
+    pattern = re.compile(rf"{re.escape(run.name)}_seed(\d+)")
+    for folder in sorted((output / run.task).glob(f"{run.name}_seed*")):
+        match = pattern.fullmatch(folder.name)
+        if match and (folder / "results.json").is_file():
+            seeds.append(int(match.group(1)))
+    return seeds
 
 
 def t5(vocab: int, **settings) -> torch.nn.Module:
@@ -278,6 +303,7 @@ def row(run: Run, results: dict, dense_parameters: int) -> dict:
     return {
         "task": run.task,
         "run": run.name,
+        "seed": run.seed,
         "method": run.method,
         "note": run.note,
         "parameters": results["parameters"]["total"],
@@ -306,11 +332,32 @@ def table(rows: list[dict]) -> str:
             test = ", ".join(f"{k.removeprefix('test_')} {v:.2f}" for k, v in r["metrics"].items())
             validation = ", ".join(f"{k} {v:.2f}" for k, v in list(r["validation"].items())[:1])
             early = " early stop" if r["stopped_early"] else ""
+            seed = "" if r["seed"] == DEFAULT_SEED else f", seed {r['seed']}"
             lines.append(
-                f"| {r['method']} ({r['note']}) | {r['parameters']:,} | {r['fewer_than_dense']:.1f} | {test} | "
+                f"| {r['method']} ({r['note']}{seed}) | {r['parameters']:,} | {r['fewer_than_dense']:.1f} | {test} | "
                 f"{validation} ({r['best_step']}) | {r['steps']}{early} | {r['train_seconds'] / 60:.1f} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + seed_spread(rows)) + "\n"
+
+
+def seed_spread(rows: list[dict]) -> list[str]:
+    """Mean and range of the first test metric over the seeds of every run trained with more than one."""
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["task"], r["run"]), []).append(r)
+    seeded = {key: group for key, group in runs.items() if len(group) > 1}
+    if not seeded:
+        return []
+    lines = ["\n**across seeds**\n", "| task | run | seeds | test mean | test min-max |"]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    for (task, _), group in seeded.items():
+        metric = next(iter(group[0]["metrics"]))
+        scores = [r["metrics"][metric] for r in group]
+        lines.append(
+            f"| {task} | {group[0]['method']} ({group[0]['note']}) | {', '.join(str(r['seed']) for r in group)} | "
+            f"{metric.removeprefix('test_')} {np.mean(scores):.2f} | {min(scores):.2f}-{max(scores):.2f} |"
+        )
+    return lines
 
 
 def check_data(parser: argparse.ArgumentParser, data: Path, tasks: list[str]) -> None:
@@ -330,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="outputs/quality", help="one folder per run under TASK/RUN")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--runs", nargs="+", help="only these run names (e.g. dense shapeshifter)")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[DEFAULT_SEED], help="train each chosen run once per seed"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--fraction", type=float, default=1.0, help="share of every split kept (smoke runs)")
@@ -350,15 +400,22 @@ def main(argv: list[str] | None = None) -> int:
         "cifar10": lambda: cifar10_runs(data, output, args.fraction, args.max_steps),
     }
     runs = [run for task in args.tasks for run in builders[task]()]
-    for run in runs:
-        run.folder = output / run.task / run.name
+    if args.runs is not None and not set(args.runs) <= {run.name for run in runs}:
+        unknown = sorted(set(args.runs) - {run.name for run in runs})
+        parser.error(f"--runs {' '.join(unknown)}: no such run in {', '.join(args.tasks)}; the runs are "
+                     f"{', '.join(sorted({run.name for run in runs}))}")  # fmt: skip
     if not args.table:
         selected = [run for run in runs if args.runs is None or run.name in args.runs]
+        selected = [run.at_seed(seed, output) for seed in args.seeds for run in selected]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda run: launch(run, args.threads), selected))
-    runs = [run for run in runs if (run.folder / "results.json").is_file()]  # every finished run of the tasks
+    runs = [run.at_seed(seed, output) for run in runs for seed in finished_seeds(run, output)]
     results = [json.loads((run.folder / "results.json").read_text()) for run in runs]
-    dense = {run.task: result["parameters"]["total"] for run, result in zip(runs, results) if run.name == "dense"}
+    dense = {
+        run.task: result["parameters"]["total"]
+        for run, result in zip(runs, results)
+        if run.name == "dense" and run.seed == DEFAULT_SEED
+    }
     rows = [row(run, result, dense.get(run.task, result["parameters"]["dense"])) for run, result in zip(runs, results)]
     (output / "quality_rows.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows)

@@ -107,6 +107,25 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     rows = json.loads((output / "quality_rows.json").read_text())
     assert [row["run"] for row in rows] == ["dense", "kpd"]
 
+    # a second seed trains in its own folder; both seeds are rows, and the table gives their spread
+    seeds = [str(data), "--output-dir", str(output), "--tasks", "translation", "--runs", "dense", "--seeds", "42", "7"]
+    assert quality.main([*seeds, "--max-steps", "2"]) == 0
+    assert capsys.readouterr().out.count(": done in") == 1  # seed 42 is the finished run above
+    rows = json.loads((output / "quality_rows.json").read_text())
+    assert [(row["run"], row["seed"]) for row in rows] == [("dense", 42), ("dense", 7), ("shapeshifter", 42)]
+    assert rows[1]["folder"] == str(output / "translation" / "dense_seed7")
+    table = (output / "quality_table.md").read_text()
+    assert "| dense (d_model 256, seed 7) |" in table
+    assert "| translation | dense (d_model 256) | 42, 7 | bleu " in table
+
+
+def test_quality_names_an_unknown_run(tmp_path, capsys):
+    data = fake_data(tmp_path / "data")
+    with pytest.raises(SystemExit):
+        load("quality").main([str(data), "--tasks", "cifar10", "--runs", "dense", "shapeshifter", "--table"])
+    error = capsys.readouterr().err
+    assert "--runs shapeshifter: no such run in cifar10; the runs are dense, kpd, kpd_l1_1e-3" in error
+
 
 def test_plot_results_names_the_missing_rows(tmp_path, capsys):
     with pytest.raises(SystemExit):
