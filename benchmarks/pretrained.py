@@ -12,9 +12,10 @@ parameter count) and KPD at each per-matrix ratio. Stages, each one row:
 - ``+refit``: then ``kt.reconstruct(steps=0, refit=True)`` on the same sentences: each linear refitted in closed
   form, block by block, to the dense layer's outputs on the compressed model's inputs (no gradient step; time =
   ``compress_model`` plus the refit);
-- ``+reconstruct``: ``kt.reconstruct`` from the ``--recover-from`` init (the refit, then ``--reconstruct-steps``
-  Adam steps per block), ``+distill``: then ``kt.distill`` (``--distill-steps``, hidden-state loss) on the same
-  sentences; the time of these two rows is the recovery time (the issue's budget: 5 CPU minutes for both).
+- ``+reconstruct``: ``kt.reconstruct`` from the ``--recover-from`` init (the refit unless ``--no-refit``, then
+  ``--reconstruct-steps`` Adam steps per block, or one count per block), ``+distill``: then ``kt.distill``
+  (``--distill-steps``, hidden-state loss) on the same sentences; the time of these two rows is the recovery time
+  (the issue's budget: 5 CPU minutes for both).
 
 Fidelity on ``--eval`` Multi30k test sentences: the mean cosine of mean-pooled last hidden states against the
 dense model's, and the top-1 neighbour agreement (the fraction of sentences whose nearest other sentence by
@@ -155,11 +156,11 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
             model,
             dense,
             calibration,
-            steps=args.reconstruct_steps,
+            steps=args.reconstruct_steps[0] if len(args.reconstruct_steps) == 1 else args.reconstruct_steps,
             lr=args.reconstruct_lr,
             target_inputs=args.target_inputs,
             trainable=args.reconstruct_trainable,
-            refit=True,
+            refit=args.refit,
             progress=False,
         )
         rows.append(
@@ -195,6 +196,7 @@ def run_row(args: argparse.Namespace, method: str, ratio: float, stage: str) -> 
                 "batch_size",
                 "max_length",
                 "reconstruct_steps",
+                "refit",
                 "reconstruct_lr",
                 "target_inputs",
                 "reconstruct_trainable",
@@ -313,7 +315,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=48)
-    parser.add_argument("--reconstruct-steps", type=int, default=100)
+    parser.add_argument(
+        "--reconstruct-steps",
+        type=int,
+        nargs="+",
+        default=[100],
+        help="kt.reconstruct's Adam steps: one number for every block, or one per block (200 200 200 200 200 800)",
+    )
+    parser.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="kt.reconstruct's closed-form refit of each linear before the Adam steps of the recover stage",
+    )
     parser.add_argument("--reconstruct-lr", type=float, default=1e-3)
     parser.add_argument("--target-inputs", default="teacher", choices=("teacher", "student"), help="kt.reconstruct")
     parser.add_argument(

@@ -219,9 +219,26 @@ def test_encoder_decoder_stacks_are_reconstructed_in_execution_order():
     assert sum(b.error_after for b in report.blocks) < sum(b.error_before for b in report.blocks)
 
 
+def test_steps_per_block_follow_the_execution_order():
+    student, teacher = compressed_pair("t5")
+    batches = [model_inputs("t5", seed) for seed in range(2)]
+    untouched = copy.deepcopy(student.encoder.block[0].state_dict())
+    report = kt.reconstruct(student, teacher, batches, steps=[0, 15, 0, 25], lr=1e-2, target_inputs="student")
+    assert [(b.name, b.steps) for b in report.blocks] == [
+        ("encoder.block.0", 0), ("encoder.block.1", 15), ("decoder.block.0", 0), ("decoder.block.1", 25),
+    ]  # fmt: skip
+    assert all(torch.equal(value, student.encoder.block[0].state_dict()[key]) for key, value in untouched.items())
+    assert report.blocks[0].error_after == report.blocks[0].error_before
+    assert report.blocks[3].error_after < 0.9 * report.blocks[3].error_before
+
+
 def test_reconstruct_rejects_bad_arguments():
     student, teacher = compressed_pair("bert")
     batches = [model_inputs("bert", 0)]
+    expected = r"steps must be an int >= 0 or 2 of them, one per block in execution order \(bert.encoder.layer.0, "
+    for steps in (-1, [5], [5, -1]):
+        with pytest.raises(ValueError, match=expected):
+            kt.reconstruct(student, teacher, batches, steps=steps)
     with pytest.raises(ValueError, match="target_inputs must be one of"):
         kt.reconstruct(student, teacher, batches, target_inputs="dense")
     with pytest.raises(ValueError, match="batches is empty"):
