@@ -39,6 +39,7 @@ from transformers import AutoConfig, HfArgumentParser
 import kron_transformers as kt
 from kron_transformers.calibration_data import calibration_batches, load_preprocessor, read_calibration_inputs
 from kron_transformers.integration.checkpoint import model_class_for
+from kron_transformers.reconstruct import TRAINABLE, find_blocks
 
 
 RESULTS = "results.json"
@@ -78,8 +79,21 @@ class CompressPretrainedArguments:
             "model's inputs, block by block, before the Adam steps (kt.reconstruct(refit=True))."
         },
     )
-    reconstruct_steps: int = field(default=200, metadata={"help": "kt.reconstruct Adam steps per block (0: skip)."})
+    reconstruct_steps: list[int] = field(
+        default_factory=lambda: [200],
+        metadata={
+            "help": "kt.reconstruct Adam steps per block (0: skip): one number for every block, or one per block "
+            "in execution order (all-MiniLM-L6-v2, Shapeshifter 4x: 200 200 200 200 200 800 beat 400 per block)."
+        },
+    )
     reconstruct_lr: float = field(default=1e-3, metadata={"help": "kt.reconstruct learning rate."})
+    reconstruct_trainable: str = field(
+        default="compressed",
+        metadata={
+            "help": "What kt.reconstruct fits: the factorized modules ('compressed'), or also the block's norms "
+            "and remaining dense layers ('block')."
+        },
+    )
     distill_steps: int = field(default=300, metadata={"help": "kt.distill steps (0: skip)."})
     distill_lr: float = field(default=1e-3, metadata={"help": "kt.distill peak learning rate."})
     batch_size: int = field(default=16, metadata={"help": "Inputs per batch."})
@@ -95,9 +109,14 @@ class CompressPretrainedArguments:
         for name in ("calibration_samples", "eval_samples", "batch_size", "max_length"):
             if getattr(self, name) < 2:
                 raise RecipeError(f"--{name} must be >= 2, got {getattr(self, name)}")
-        for name in ("reconstruct_steps", "distill_steps"):
-            if getattr(self, name) < 0:
-                raise RecipeError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.distill_steps < 0 or min(self.reconstruct_steps) < 0:
+            raise RecipeError(
+                f"--reconstruct_steps and --distill_steps must be >= 0, got {self.reconstruct_steps} and "
+                f"{self.distill_steps}"
+            )
+        if self.reconstruct_trainable not in TRAINABLE:
+            raise RecipeError(f"--reconstruct_trainable must be one of {', '.join(TRAINABLE)}, got "
+                              f"{self.reconstruct_trainable!r}")  # fmt: skip
         if self.calibration_file is not None and not Path(self.calibration_file).exists():
             raise RecipeError(f"--calibration_file {self.calibration_file}: no such file or folder")
 
@@ -212,12 +231,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise RecipeError(f"--calibration_file has {len(inputs)} inputs; need more than --eval_samples + 1")
     held_out, calibration_inputs = inputs[-args.eval_samples :], inputs[: -args.eval_samples]
     teacher, preprocessor = load_models(args, calibration_inputs if isinstance(inputs[0], str) else None)
+    blocks = find_blocks(teacher)
+    if len(args.reconstruct_steps) not in (1, len(blocks)):
+        raise RecipeError(
+            f"--reconstruct_steps has {len(args.reconstruct_steps)} counts; give one, or one per block of "
+            f"{type(teacher).__name__} ({len(blocks)}: {', '.join(blocks)})"
+        )
+    steps = args.reconstruct_steps[0] if len(args.reconstruct_steps) == 1 else args.reconstruct_steps
     calibration = calibration_batches(preprocessor, calibration_inputs, args.batch_size, args.max_length)
     evaluation = calibration_batches(preprocessor, held_out, args.batch_size, args.max_length)
     dense_outputs = _outputs(teacher, evaluation)
 
     torch.manual_seed(args.seed)
-    stages, seconds = {}, {}
+    stages, seconds, reconstruction = {}, {}, []
     start = time.perf_counter()
     try:
         model = kt.compress_model(copy.deepcopy(teacher), config, calibration_data=calibration)
@@ -225,13 +251,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise RecipeError(f"--compression {args.compression}: {error}") from None
     seconds["compress"] = time.perf_counter() - start
     stages[f"compressed ({config.init})"] = fidelity(model, dense_outputs, evaluation)
-    if args.reconstruct_steps or args.refit:
+    if any(args.reconstruct_steps) or args.refit:
         start = time.perf_counter()
         report = kt.reconstruct(
-            model, teacher, calibration, steps=args.reconstruct_steps, lr=args.reconstruct_lr, refit=args.refit
+            model,
+            teacher,
+            calibration,
+            steps=steps,
+            lr=args.reconstruct_lr,
+            trainable=args.reconstruct_trainable,
+            refit=args.refit,
         )
         seconds["reconstruct"] = time.perf_counter() - start
         print(report)
+        reconstruction = [asdict(block) for block in report.blocks]
         stages["reconstructed"] = fidelity(model, dense_outputs, evaluation)
     if args.distill_steps:
         start = time.perf_counter()
@@ -245,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "stages": stages,
         "final_stage": final_stage,
         "seconds": seconds,
+        "reconstruction": reconstruction,
         "dense_parameters": dense_parameters,
         "parameters": parameters,
         "calibration_inputs": len(calibration_inputs),
