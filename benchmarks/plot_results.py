@@ -27,6 +27,7 @@ TASK_TITLES = {
     "cifar10": "CIFAR-10 (test accuracy %)",
 }
 MAIN_METRIC = {"translation": "test_bleu", "summarization": "test_rougeL", "cifar10": "test_accuracy"}
+DEFAULT_SEED = 42  # the recipes' --seed default (quality.py's rows before --seeds have no "seed")
 MARKERS = {"dense": "o", "dense (narrow)": "s", "Shapeshifter": "^", "word2ketXS": "^", "KPD": "^", "LowRank": "v"}
 
 
@@ -47,9 +48,11 @@ def validation_curve(folder: Path) -> tuple[str, list[int], list[float]]:
 
 
 def run_label(row: dict, rows: list[dict]) -> str:
-    """The method's name, with the run's note where another run of the task has the same method."""
-    twins = [other for other in rows if other["task"] == row["task"] and other["method"] == row["method"]]
-    return row["method"] if len(twins) == 1 else f"{row['method']}: {row['note']}"
+    """The method's name, with the run's note where another run of the task has the same method (other
+    seeds of the same run do not count) and the seed where it is not the recipes' default."""
+    twins = {other["run"] for other in rows if other["task"] == row["task"] and other["method"] == row["method"]}
+    label = row["method"] if len(twins) == 1 else f"{row['method']}: {row['note']}"
+    return label if row.get("seed", DEFAULT_SEED) == DEFAULT_SEED else f"{label}, seed {row['seed']}"
 
 
 def plot_quality(rows: list[dict], path: Path) -> None:

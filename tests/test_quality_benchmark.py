@@ -133,12 +133,16 @@ def test_plot_results_names_the_missing_rows(tmp_path, capsys):
     assert "quality_rows.json: not found (run benchmarks/quality.py" in capsys.readouterr().err
 
 
-def test_plot_labels_name_the_run_where_a_task_has_two_of_a_method():
+def test_plot_labels_name_the_run_where_a_task_has_two_of_a_method_and_a_seed_not_the_default():
     rows = [
-        {"task": "translation", "method": "dense", "note": "d_model 256"},
-        {"task": "translation", "method": "Shapeshifter", "note": "embedding rank 32"},
-        {"task": "translation", "method": "Shapeshifter", "note": "embedding rank 96"},
-        {"task": "cifar10", "method": "Shapeshifter", "note": "rank 4"},
+        {"task": "translation", "run": "dense", "method": "dense", "note": "d_model 256"},
+        {"task": "translation", "run": "dense", "method": "dense", "note": "d_model 256", "seed": 43},
+        {"task": "translation", "run": "shapeshifter", "method": "Shapeshifter", "note": "embedding rank 32"},
+        {"task": "translation", "run": "half", "method": "Shapeshifter", "note": "embedding rank 96", "seed": 42},
+        {"task": "cifar10", "run": "shapeshifter", "method": "Shapeshifter", "note": "rank 4"},
     ]
     labels = [load("plot_results").run_label(row, rows) for row in rows]
-    assert labels == ["dense", "Shapeshifter: embedding rank 32", "Shapeshifter: embedding rank 96", "Shapeshifter"]
+    assert labels == [
+        "dense", "dense, seed 43", "Shapeshifter: embedding rank 32", "Shapeshifter: embedding rank 96",
+        "Shapeshifter",
+    ]  # fmt: skip
