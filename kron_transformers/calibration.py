@@ -2,8 +2,10 @@
 
 For each ``nn.Linear`` / ``Conv1D`` the running second moment ``C = (1/T) sum_t x_t x_t^T`` and mean
 ``mu = (1/T) sum_t x_t`` of its inputs are accumulated in float64 on the model's device (memory ``in_features^2``
-per layer, independent of the amount of data); for each ``nn.Embedding``, how often each row is looked up (the
-embedding's input statistic). Hooks are removed afterwards, even on error.
+per layer, independent of the amount of data); each batch's ``sum_t x_t x_t^T`` is taken in the inputs' precision
+(at least float32) and added in float64: a float64 product made the statistics pass 4 times the model's forward
+(all-MiniLM-L6-v2, 2,048 sentences: 44 CPU-s against 11); for each ``nn.Embedding``, how often each row is
+looked up (the embedding's input statistic). Hooks are removed afterwards, even on error.
 """
 
 from __future__ import annotations
@@ -78,13 +80,15 @@ def record_statistics(modules: Iterable[tuple[str, nn.Module]], stats: Calibrati
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            inputs = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            inputs = args[0].detach().reshape(-1, args[0].shape[-1])
+            inputs = inputs.to(torch.promote_types(inputs.dtype, torch.float32))
             if name not in stats.second_moments:
-                stats.second_moments[name] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
-                stats.first_moments[name] = inputs.new_zeros(inputs.shape[1])
+                zeros = dict(dtype=torch.float64, device=inputs.device)
+                stats.second_moments[name] = torch.zeros(inputs.shape[1], inputs.shape[1], **zeros)
+                stats.first_moments[name] = torch.zeros(inputs.shape[1], **zeros)
                 stats.rows_seen[name] = 0
-            stats.second_moments[name].addmm_(inputs.T, inputs)  # in place: no second in x in float64 tensor
-            stats.first_moments[name] += inputs.sum(0)
+            stats.second_moments[name] += inputs.T @ inputs  # the batch's product in its precision, summed in float64
+            stats.first_moments[name] += inputs.sum(0, dtype=torch.float64)
             stats.rows_seen[name] += inputs.shape[0]
 
         return hook
