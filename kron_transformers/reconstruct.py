@@ -470,7 +470,8 @@ def reconstruct(
     execution order: the last block's error is what the model outputs, and with ``target_inputs="teacher"`` the
     blocks before it pass theirs on to be corrected), learning rate ``lr`` decayed by a cosine to 0. On
     all-MiniLM-L6-v2, Shapeshifter 4x: 200 steps per block and 800 for the last gave a mean cosine to the dense
-    sentence embeddings of 0.902, 400 for every block 0.894 at 1.5x the time (``benchmarks/RESULTS.md``).
+    sentence embeddings of 0.902; 400 for every block (after the refit) 0.894 in 1.8x the CPU time
+    (``benchmarks/RESULTS.md``).
     ``target_inputs``: ``"teacher"`` fits each block to the dense model's own block
     output, ``"student"`` to the dense block applied to the student's inputs (module docstring).
     ``trainable="compressed"`` fits the factorized modules' parameters (factors and biases); ``"block"`` also
@@ -518,12 +519,12 @@ def reconstruct(
             saved = copy.deepcopy([p.detach() for p in parameters])
             if refit:
                 _refit_block(student_block, teacher_block, inputs, source, _calibration_time_ratio(student))
-            steps = block_steps[position]
-            if parameters and steps:
+            budget = block_steps[position]
+            if parameters and budget:
                 optimizer = torch.optim.Adam(parameters, lr=lr)
-                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-                order = torch.randperm(len(inputs) * (steps // len(inputs) + 1))
-                for step in range(steps):
+                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=budget)
+                order = torch.randperm(len(inputs) * (budget // len(inputs) + 1))
+                for step in range(budget):
                     index = int(order[step]) % len(inputs)
                     args, kwargs = inputs[index]
                     target = targets[index]
@@ -535,9 +536,9 @@ def reconstruct(
                     schedule.step()
                     bar.update(1)
                     bar.set_postfix(block=name, loss=f"{loss.item():.4f}", refresh=False)
-                taken = steps
+                taken = budget
             else:
-                bar.update(steps)
+                bar.update(budget)
             if refit or taken:
                 outputs = _block_outputs(student_block, inputs)
                 after = _relative_error(outputs, targets)
