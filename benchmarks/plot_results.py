@@ -4,7 +4,8 @@
 
 Writes ``quality_vs_parameters.png`` (one panel per task: the test metric against parameters, log x, one marker
 per method) and ``training_curves.png`` (one panel per task: the validation metric against optimizer steps, one
-line per run, the restored best step marked).
+line per run, the restored best step marked). A run's seeds share its colour; the recipes' default seed is drawn
+filled / solid, other seeds hollow / dashed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TASK_TITLES = {
 }
 MAIN_METRIC = {"translation": "test_bleu", "summarization": "test_rougeL", "cifar10": "test_accuracy"}
 DEFAULT_SEED = 42  # the recipes' --seed default (quality.py's rows before --seeds have no "seed")
+COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 MARKERS = {"dense": "o", "dense (narrow)": "s", "Shapeshifter": "^", "word2ketXS": "^", "KPD": "^", "LowRank": "v"}
 
 
@@ -55,16 +57,34 @@ def run_label(row: dict, rows: list[dict]) -> str:
     return label if row.get("seed", DEFAULT_SEED) == DEFAULT_SEED else f"{label}, seed {row['seed']}"
 
 
+def run_color(row: dict, rows: list[dict]) -> str:
+    """One colour per run of a task (its seeds share it), in the order the runs first appear."""
+    runs = list(dict.fromkeys(other["run"] for other in rows if other["task"] == row["task"]))
+    return COLORS[runs.index(row["run"]) % len(COLORS)]
+
+
+def is_default_seed(row: dict) -> bool:
+    return row.get("seed", DEFAULT_SEED) == DEFAULT_SEED
+
+
+def legend_below(axis: plt.Axes) -> None:
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+
 def plot_quality(rows: list[dict], path: Path) -> None:
     tasks = [task for task in TASK_TITLES if any(row["task"] == task for row in rows)]
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         for row in (row for row in rows if row["task"] == task):
+            color = run_color(row, rows)
             axis.scatter(
                 row["parameters"],
                 row["metrics"][MAIN_METRIC[task]],
                 marker=MARKERS.get(row["method"], "x"),
                 s=70,
+                edgecolors=color,
+                facecolors=color if is_default_seed(row) else "none",
+                linewidths=1.5,
                 label=f"{run_label(row, rows)} ({row['fewer_than_dense']:.1f}x fewer)",
             )
         axis.set_xscale("log")
@@ -74,9 +94,8 @@ def plot_quality(rows: list[dict], path: Path) -> None:
         axis.set_xlabel("parameters")
         axis.set_title(TASK_TITLES[task])
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+        legend_below(axis)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -89,16 +108,17 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             if not steps:
                 continue
             axis.set_ylabel(metric.replace("_", " "))
-            (line,) = axis.plot(steps, scores, marker=".", label=run_label(row, rows))
+            color = run_color(row, rows)
+            style = "-" if is_default_seed(row) else "--"
+            axis.plot(steps, scores, marker=".", color=color, linestyle=style, label=run_label(row, rows))
             if row.get("best_step") in steps:
                 best = steps.index(row["best_step"])
-                axis.scatter([steps[best]], [scores[best]], color=line.get_color(), s=80, facecolors="none")
+                axis.scatter([steps[best]], [scores[best]], edgecolors=color, s=80, facecolors="none")
         axis.set_xlabel("optimizer steps")
         axis.set_title(TASK_TITLES[task].split(" (")[0])
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+        legend_below(axis)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 

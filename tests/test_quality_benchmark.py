@@ -84,11 +84,22 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     assert by_run["translation", "shapeshifter"]["fewer_than_dense"] > 5
     assert set(by_run["summarization", "dense"]["metrics"]) == {"test_rouge1", "test_rouge2", "test_rougeL"}
     assert by_run["cifar10", "kpd"]["kpd"]["inference_nonzeros"] > 0
+    # summarization runs copy the emails' leads first, compressed, and fine-tune that checkpoint, still compressed
+    for run in ("dense", "word2ketxs"):
+        folder = Path(by_run["summarization", run]["folder"])
+        assert by_run["summarization", run]["pretraining_steps"] == 2
+        first = json.loads((folder / "pretraining" / "results.json").read_text())
+        assert first["parameters"]["total"] == by_run["summarization", run]["parameters"]
+    assert by_run["summarization", "word2ketxs"]["parameters"] < by_run["summarization", "dense"]["parameters"]
+    copies = [json.loads(line) for line in gzip.open(output / "aeslc_lead_copies.jsonl.gz", "rt")]
+    email = [json.loads(line) for line in gzip.open(data / "aeslc" / "train.jsonl.gz", "rt")][0]["document"]
+    assert len(copies) == 40 and copies[0] == {"document": email, "subject": " ".join(email.split()[:12])}
     for row in rows:
         assert row["steps"] == 2 and row["best_step"] == 2 and row["validation"], row
         assert (Path(row["folder"]) / "train_log.jsonl").is_file()
     table = (output / "quality_table.md").read_text()
     assert "| Shapeshifter (embedding rank 32, attention/FFN rank 16) |" in table and "Zhu et al., Table 3" in table
+    assert "| 2 copy + 2 |" in table and "| 2 | 2 |" not in table.split("**summarization**")[1]
 
     assert quality.main(arguments) == 0  # resumed: every run has its results.json, nothing is trained
     assert ": done in" not in capsys.readouterr().out
@@ -146,3 +157,16 @@ def test_plot_labels_name_the_run_where_a_task_has_two_of_a_method_and_a_seed_no
         "dense", "dense, seed 43", "Shapeshifter: embedding rank 32", "Shapeshifter: embedding rank 96",
         "Shapeshifter",
     ]  # fmt: skip
+
+
+def test_plot_colours_are_per_run_and_other_seeds_are_hollow():
+    plot = load("plot_results")
+    rows = [
+        {"task": "translation", "run": "dense", "seed": 42},
+        {"task": "translation", "run": "shapeshifter"},
+        {"task": "translation", "run": "dense", "seed": 43},
+        {"task": "cifar10", "run": "kpd"},
+    ]
+    colors = [plot.run_color(row, rows) for row in rows]
+    assert colors == [plot.COLORS[0], plot.COLORS[1], plot.COLORS[0], plot.COLORS[0]]
+    assert [plot.is_default_seed(row) for row in rows] == [True, True, False, True]
