@@ -5,10 +5,10 @@
 
 DATA holds ``multi30k/{train,val,test_2016_flickr}.{de,en}.gz``, ``aeslc/{train,dev,test}.jsonl.gz`` and
 ``cifar10/test_images.npz`` (the project's benchmark data; a fresh clone lacks it, and the script then names what is
-missing). Every run is one recipe invocation (``recipes/*.py``) in its own process and ``--output_dir``
-(``OUTPUT/<task>/<run>``) with its ``results.json`` and ``train_log.jsonl``; a run whose ``results.json`` exists is
-not run again, so an interrupted benchmark resumes. Training stops at the step budget or early (validation metric
-every ``eval_steps``, patience 2), and the best validation weights are the ones tested.
+missing). Every run is one recipe invocation (``recipes/*.py``; AESLC's: two, see below) in its own process and
+``--output_dir`` (``OUTPUT/<task>/<run>``) with its ``results.json`` and ``train_log.jsonl``; a run whose
+``results.json`` exists is not run again, so an interrupted benchmark resumes. Training stops at the step budget or
+early (validation metric every ``eval_steps``, patience 2), and the best validation weights are the ones tested.
 
 - **Translation, Multi30k De-En**: one 8,000-token BPE vocabulary trained on the training pairs; a T5 (d_model 256,
   3+3 layers, d_ff 1024) dense; the same T5 with Shapeshifter (Panahi, section 4.3) on the embedding and every
