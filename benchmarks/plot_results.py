@@ -54,7 +54,7 @@ def run_label(row: dict, rows: list[dict]) -> str:
     seeds of the same run do not count) and the seed where it is not the recipes' default."""
     twins = {other["run"] for other in rows if other["task"] == row["task"] and other["method"] == row["method"]}
     label = row["method"] if len(twins) == 1 else f"{row['method']}: {row['note']}"
-    return label if row.get("seed", DEFAULT_SEED) == DEFAULT_SEED else f"{label}, seed {row['seed']}"
+    return label if is_default_seed(row) else f"{label}, seed {row['seed']}"
 
 
 def run_color(row: dict, rows: list[dict]) -> str:
