@@ -51,6 +51,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -234,13 +235,29 @@ def translation_runs(data: Path, fraction: float, cap: int | None) -> list[Run]:
     ]  # fmt: skip
 
 
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it onto ``path``: a run of another ``quality.py``
+    reading ``path`` meanwhile (every call rewrites the derived data files) sees the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{path.suffix}")  # one per process; keeps the suffix
+    try:
+        write(temporary)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def lead_copies(emails: Path, path: Path) -> Path:
     """The copy task: every training email paired with its first LEAD_WORDS words."""
-    with gzip.open(emails, "rt", encoding="utf-8") as source, gzip.open(path, "wt", encoding="utf-8") as handle:
-        for row in map(json.loads, source):
-            lead = " ".join(row["document"].split()[:LEAD_WORDS])
-            if lead:
-                handle.write(json.dumps({"document": row["document"], "subject": lead}) + "\n")
+
+    def write(temporary: Path) -> None:
+        with gzip.open(emails, "rt", encoding="utf-8") as source, gzip.open(temporary, "wt", encoding="utf-8") as out:
+            for row in map(json.loads, source):
+                lead = " ".join(row["document"].split()[:LEAD_WORDS])
+                if lead:
+                    out.write(json.dumps({"document": row["document"], "subject": lead}) + "\n")
+
+    write_whole(path, write)
     return path
 
 
@@ -286,7 +303,7 @@ def cifar10_split(data: Path, work: Path, fraction: float) -> dict[str, Path]:
         part = order[int(low * len(order)) : int(high * len(order))]
         keep = part[: max(10, int(len(part) * fraction))]
         paths[split] = work / f"cifar10_{split}.npz"
-        np.savez(paths[split], images=images[keep], labels=labels[keep], classes=classes)
+        write_whole(paths[split], lambda to: np.savez(to, images=images[keep], labels=labels[keep], classes=classes))
     return paths
 
 

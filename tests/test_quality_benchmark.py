@@ -170,3 +170,19 @@ def test_plot_colours_are_per_run_and_other_seeds_are_hollow():
     colors = [plot.run_color(row, rows) for row in rows]
     assert colors == [plot.COLORS[0], plot.COLORS[1], plot.COLORS[0], plot.COLORS[0]]
     assert [plot.is_default_seed(row) for row in rows] == [True, True, False, True]
+
+
+def test_write_whole_keeps_the_old_file_when_the_write_fails(tmp_path):
+    quality = load("quality")
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(b"old")
+
+    def half_write(temporary: Path) -> None:
+        temporary.write_bytes(b"ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        quality.write_whole(path, half_write)
+    assert path.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [path]
+    quality.write_whole(path, lambda temporary: temporary.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [path]
