@@ -25,6 +25,13 @@ from .streaming import CompressTensor, StreamingCompression
 
 register_quantization_config(QUANT_METHOD)(KronConfig)
 
+# transformers >= 5.25 kernelizes every model in ``from_pretrained`` (hub kernels, on by default) before the
+# quantizer's ``postprocess_model``, on the device of the model's first parameter unless the model names one here
+# (as transformers does for offloaded models). While a dense checkpoint streams in, the targeted dense modules are
+# ``meta`` shells until ``StreamingCompression.finish``, so the load names the CPU, where it puts the weights
+# without a ``device_map``; with one, transformers names the device itself.
+KERNELS_DEVICE = "_kernels_device"
+
 
 @register_quantizer(QUANT_METHOD)
 class KronHfQuantizer(HfQuantizer):
@@ -40,6 +47,7 @@ class KronHfQuantizer(HfQuantizer):
                 "it was not written by kron_transformers.compress_model + save_pretrained"
             )
         self.stream: StreamingCompression | None = None
+        self.set_kernels_device = False  # whether this load set the model's KERNELS_DEVICE
         self.state_dict_to_save: dict | None = None  # set by saving.save_pretrained for one call
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
@@ -50,6 +58,9 @@ class KronHfQuantizer(HfQuantizer):
             validate_checkpoint_files(model, checkpoint_files)
         else:
             self.stream = StreamingCompression(model, self.quantization_config, checkpoint_files)
+            if kwargs.get("device_map") is None and getattr(model, KERNELS_DEVICE, None) is None:
+                setattr(model, KERNELS_DEVICE, "cpu")
+                self.set_kernels_device = True
         return model
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
@@ -64,6 +75,9 @@ class KronHfQuantizer(HfQuantizer):
         else:
             self.stream.finish(model)
             self.stream = None
+            if self.set_kernels_device:
+                delattr(model, KERNELS_DEVICE)
+                self.set_kernels_device = False
             self.quantization_config = applied_config(model)
         bind_push_to_hub(model)
         bind_save_pretrained(model)
