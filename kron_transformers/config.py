@@ -528,6 +528,14 @@ class KronConfig(QuantizationConfigMixin):
     lm_head: MethodSpec | None = field(
         default=None, metadata={"help": "Spec for an untied output head (a tied head shares the embedding's factors)."}
     )
+    untie_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Give an output head tied to the input embedding its own weight: it keeps the dense weight (or "
+            "follows lm_head=) while only the embedding is factorized, as word2ket compresses only the input "
+            "embedding (Panahi et al., section 3.5). False: a tied head shares the compressed embedding's factors."
+        },
+    )
     default: MethodSpec | None = field(
         default=None, metadata={"help": "Spec for targeted linears whose role has no spec (e.g. with 'all-linear')."}
     )
@@ -581,6 +589,8 @@ class KronConfig(QuantizationConfigMixin):
                 if not all(isinstance(item, str) for item in value):
                     raise TypeError(f"KronConfig.{name}: expected a string or a list of strings, got {value!r}")
                 setattr(self, name, list(value))
+        if not isinstance(self.untie_lm_head, bool):
+            raise TypeError(f"KronConfig.untie_lm_head: expected True or False, got {self.untie_lm_head!r}")
         if self.init not in INITS:
             raise ValueError(f"KronConfig.init: expected one of {INITS}, got {self.init!r}")
         ratio = self.calibration_time_ratio

@@ -192,25 +192,28 @@ def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan
     handled: set[int] = set()
     input_embedding = roles.input_embedding
     head = roles.output_embedding
+    # untied, the head keeps the shared dense Parameter (or is planned like any linear) once the embedding is swapped
+    tied_head = roles.tied_head and not config.untie_lm_head
 
     if input_embedding is not None and is_embedding(input_embedding):
         group = [info for info in candidates if info.role == EMBEDDING_ROLE]
         embedding_info = roles.info(input_embedding)
         spec = specs[id(input_embedding)]
         handled.update(id(info.module) for info in group)
-        if roles.tied_head:
+        if tied_head:
             head_info = roles.info(head)
             handled.add(id(head))
             head_spec = specs[id(head)]
             if spec is not None and head_spec is not None:
                 raise ValueError(
                     f"{head_info.name} is tied to {embedding_info.name} (one shared weight), so it shares the "
-                    f"embedding's factors; remove the lm_head spec or rule, or untie the model first"
+                    f"embedding's factors; remove the lm_head spec or rule, or set untie_lm_head=True to give the "
+                    f"head its own weight"
                 )
             if spec is None and head_spec is not None:
                 raise ValueError(
                     f"{head_info.name} is tied to {embedding_info.name}, which is not compressed; compress the "
-                    f"embedding (the head then shares its factors) or untie the model first"
+                    f"embedding (the head then shares its factors) or set untie_lm_head=True"
                 )
         if spec is not None:
             rows, cols = input_embedding.weight.shape
@@ -219,7 +222,7 @@ def _plan(model: nn.Module, config: KronConfig, roles: ModelRoles) -> list[_Plan
             structure = spec.resolve(rows, cols, EMBEDDING, embedding_info.name)
             _warn_if_not_compressing(embedding_info.name, spec, structure, rows, cols)
             plans.append(_Plan(embedding_info, KIND_EMBEDDING, spec, structure, rows, cols, group))
-            if roles.tied_head:
+            if tied_head:
                 plans.append(_Plan(roles.info(head), KIND_TIED_HEAD, None, None, rows, cols))
 
     for info in candidates:
@@ -576,7 +579,8 @@ def compress_model(
     ``"calibrated"``: best approximation of the layer's outputs on ``calibration_data``, a DataLoader /
     iterable of model-input dicts or ``kt.calibrate``'s result; ``"random"``: de novo, scaled to the
     dense weight's standard deviation), then all are
-    swapped at once. A tied output head shares the embedding's factors. A copy of ``config``
+    swapped at once. A tied output head shares the embedding's factors (with ``untie_lm_head``: keeps the dense
+    weight, or follows ``lm_head``). A copy of ``config``
     with the resolved structure in ``modules`` becomes ``model.config.quantization_config``.
 
     ```py
@@ -815,7 +819,8 @@ def decompress_model(model: nn.Module) -> nn.Module:
     """Materialize every compressed module back to plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``.
 
     Outputs are identical up to floating-point rounding; a tied head becomes an ``nn.Linear``
-    sharing the embedding's new weight Parameter, so the model stays tied. In place; returns the model.
+    sharing the embedding's new weight Parameter, so the model stays tied; a head ``untie_lm_head`` untied stays
+    untied. In place; returns the model.
     """
     config = applied_config(model)
     class_paths: dict[str, str] = {}
@@ -868,5 +873,36 @@ def decompress_model(model: nn.Module) -> nn.Module:
         for path in paths[key]:
             set_module(model, path, replacement)
     _restore_tied_weights_keys(model)
+    if config is not None and config.untie_lm_head:
+        _forget_broken_ties(model)
     mark_compressed(model, None)
     return model
+
+
+def _forget_broken_ties(model: nn.Module) -> None:
+    """Drop declared ties whose two parameters are now separate objects (a head that ``untie_lm_head`` untied).
+
+    ``tie_weights`` (and ``save_pretrained``, which leaves tied keys out) would otherwise put the embedding's
+    weight back into the head.
+    """
+    forgotten = []
+    for _, submodel in _pretrained_submodels(model):
+        ties = getattr(submodel, "_tied_weights_keys", None) or {}
+        broken = [
+            target
+            for target, source in ties.items()
+            if _is_parameter(submodel, target)
+            and _is_parameter(submodel, source)
+            and submodel.get_parameter(target) is not submodel.get_parameter(source)
+        ]
+        if broken:
+            submodel._tied_weights_keys = {t: s for t, s in ties.items() if t not in broken}
+            forgotten += broken
+    _refresh_tied_keys(model)
+    if forgotten and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        warnings.warn(
+            f"decompress_model: {', '.join(sorted(set(forgotten)))} keeps its own weight (untie_lm_head=True), but "
+            f"config.tie_word_embeddings is True, so from_pretrained of a save_pretrained copy ties it to the "
+            f"embedding again (T5 always does); keep the compressed checkpoint, or save under a config that unties",
+            stacklevel=3,
+        )

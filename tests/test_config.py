@@ -28,6 +28,7 @@ from kron_transformers.config import EMBEDDING, LINEAR, optimal_kpd_block
         (lambda: kt.KronConfig(attention="shapeshifter"), "expected a method spec"),
         (lambda: kt.KronConfig(ffn=kt.LowRank(rank=2), calibration_time_ratio=0), "positive number or None"),
         (lambda: kt.KronConfig(ffn=kt.LowRank(rank=2), calibration_time_ratio="fast"), "positive number or None"),
+        (lambda: kt.KronConfig(embedding=kt.LowRank(rank=2), untie_lm_head="yes"), "untie_lm_head: expected True"),
     ],
 )
 def test_invalid_specs_raise_clear_errors(make, message):
@@ -105,6 +106,7 @@ def test_kron_config_round_trips_through_json():
         target_modules=["q", "v"],
         exclude_modules="decoder.*",
         init="random",
+        untie_lm_head=True,
     )
     text = config.to_json_string()
     json.loads(text)

@@ -54,6 +54,14 @@ def with_embedding() -> kt.KronConfig:
     )
 
 
+def untied_dense_head() -> kt.KronConfig:
+    return dataclasses.replace(with_embedding(), untie_lm_head=True)
+
+
+def untied_head_with_its_own_spec() -> kt.KronConfig:
+    return dataclasses.replace(with_embedding(), lm_head=kt.LowRank(rank=3), untie_lm_head=True)
+
+
 def low_rank() -> kt.KronConfig:
     return kt.KronConfig(attention=kt.LowRank(rank=3), ffn=kt.LowRank(rank=3), init="calibrated", **FIXED_SWEEPS)
 
@@ -137,6 +145,8 @@ def assert_identical(streamed, expected, architecture: str) -> None:
         ("llama", with_embedding),
         ("bert", blocks_only),
         ("gpt2", with_embedding),
+        ("gpt2", untied_dense_head),
+        ("llama", untied_head_with_its_own_spec),
         ("t5", low_rank),
         ("bart", low_rank),
     ],

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, build_model, make_inputs
 from safetensors.torch import load_file, save_file
-from test_surgery import METHODS
+from test_surgery import METHODS, UNTIED_HEADS
 
 import kron_transformers as kt
 from kron_transformers.integration import streaming
@@ -67,6 +67,16 @@ def test_streaming_equals_load_then_compress_across_architectures(tmp_path, arch
     # transformers >= 5.25 kernelizes on the CPU the load names while the dense shells are meta; the name must not
     # outlive the load (a later kernelize, after .to(device), would map the kernels of the wrong device)
     assert not hasattr(streamed, KERNELS_DEVICE)
+    assert not any(parameter.is_meta for parameter in streamed.parameters())
+
+
+@pytest.mark.parametrize("case", sorted(UNTIED_HEADS))
+@pytest.mark.parametrize("architecture", ["gpt2", "t5"])
+def test_an_untied_head_takes_the_embeddings_tensor_from_the_tied_checkpoint(tmp_path, architecture, case):
+    build_model(architecture).save_pretrained(tmp_path)
+    assert not any("lm_head" in key for key in load_file(tmp_path / "model.safetensors"))  # one tensor for both
+    streamed = _streamed(tmp_path, architecture, UNTIED_HEADS[case]())
+    _assert_identical(streamed, _load_then_compress(tmp_path, architecture, UNTIED_HEADS[case]()), architecture)
     assert not any(parameter.is_meta for parameter in streamed.parameters())
 
 

@@ -162,6 +162,62 @@ def test_untied_head_follows_the_lm_head_spec():
     assert kt.applied_config(model).modules["lm_head"]["role"] == "lm_head"
 
 
+UNTIED_HEADS = {
+    "dense_head": lambda: kt.KronConfig(embedding=kt.Word2KetXS(rank=4), untie_lm_head=True),
+    "head_with_its_own_spec": lambda: kt.KronConfig(
+        embedding=kt.Word2KetXS(rank=4), lm_head=kt.LowRank(rank=3), untie_lm_head=True
+    ),
+    "head_only": lambda: kt.KronConfig(lm_head=kt.LowRank(rank=3), untie_lm_head=True),
+}
+
+
+def _with_separate_tables(dense: nn.Module, input_table: torch.Tensor, head_weight: torch.Tensor) -> nn.Module:
+    """``dense`` (tied) with ``input_table`` in every input embedding and ``head_weight`` in the output layer."""
+    head, tied = dense.get_output_embeddings(), dense.get_input_embeddings().weight
+    for module in list(dense.modules()):
+        if getattr(module, "weight", None) is tied:
+            module.weight = nn.Parameter((head_weight if module is head else input_table).clone())
+    return dense
+
+
+@pytest.mark.parametrize("case", sorted(UNTIED_HEADS))
+@pytest.mark.parametrize("architecture", TEXT_ARCHITECTURES)
+def test_untie_lm_head_gives_a_tied_head_its_own_weight(architecture, case, tmp_path):
+    model = build_model(architecture).double()
+    table = model.get_input_embeddings().weight.detach().clone()
+    dense = copy.deepcopy(model)
+    kt.compress_model(model, UNTIED_HEADS[case]())
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert not isinstance(head, TiedFactorizedHead)
+    assert isinstance(embedding, FactorizedEmbedding) == (case != "head_only")
+    assert isinstance(head, FactorizedLinear) == (case != "dense_head")
+    if case == "dense_head":
+        assert torch.equal(head.weight, table)  # the dense table, now the head's alone
+    else:
+        assert not isinstance(embedding, FactorizedEmbedding) or head.factorization is not embedding.factorization
+    input_table = embedding.materialize() if isinstance(embedding, FactorizedEmbedding) else table
+    head_weight = head.materialize() if isinstance(head, FactorizedLinear) else table
+    reference = _with_separate_tables(dense, input_table.detach(), head_weight.detach())
+    inputs = make_inputs(architecture)
+    expected = logits(reference, inputs)
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=1e-10, atol=1e-10)
+    model.tie_weights()  # transformers' re-tie leaves the untied head alone
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=1e-10, atol=1e-10)
+
+    model.save_pretrained(tmp_path)
+    reloaded = ARCHITECTURES[architecture][0].from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+    assert [type(m) for m in reloaded.modules()] == [type(m) for m in model.modules()]
+
+    with pytest.warns(UserWarning, match="keeps its own weight .untie_lm_head=True., but config.tie_word_embeddings"):
+        kt.decompress_model(model)
+    head = model.get_output_embeddings()
+    assert head.weight is not model.get_input_embeddings().weight
+    model.tie_weights()
+    assert head.weight is not model.get_input_embeddings().weight
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=1e-10, atol=1e-10)
+
+
 BAD_CONFIGS = {
     "rank_too_large": (
         lambda: kt.KronConfig(attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=500)),

@@ -12,7 +12,10 @@ head),
     C_l  = (1/T) sum_t x_t x_t^T   over the inputs x_t of each targeted linear l of u, with u dense, on X_u
     W_l  -> argmin over the factorization of ||(W_l - W_hat_l) C_l^(1/2)||_F   (factorizations/weighted.py)
 
-so each layer is fitted to the activations the compressed model will actually give it. Only unit ``u``'s
+so each layer is fitted to the activations the compressed model will actually give it. An embedding is weighted by
+the frequency of the tokens it reads at its first call: an encoder-decoder's shared table sees the encoder's tokens
+only (the decoder's come after the encoder blocks, which need the compressed table), where ``compress_model``'s
+``kt.calibrate`` counts both. Only unit ``u``'s
 tensors are read from the safetensors shards when ``u`` is reached and, once compressed, its dense weights
 are dropped: peak memory is about the compressed model, one dense block and the calibration activations of
 one block (plus the modules that stay dense, loaded first).
@@ -318,17 +321,26 @@ class LayerwiseCalibration:
             self.owners[id(parameter)] = self.owners.pop(key)
         release_mapped_pages(sorted(set(self.checkpoint.files.values())))
 
-    def _free(self, plan: _Plan) -> None:
-        """Put the replaced dense module's weight (and bias) back on ``meta``: the dense tensors are dropped."""
-        infos = plan.group if plan.kind == KIND_EMBEDDING else [plan.info]
+    def _free(self, plans: list[_Plan]) -> None:
+        """Put the replaced dense modules' weights (and biases) back on ``meta``: the dense tensors are dropped.
+
+        A module that still holds one of them (a head ``untie_lm_head`` untied from the embedding) keeps it.
+        """
+        infos = [info for plan in plans for info in (plan.group if plan.kind == KIND_EMBEDDING else [plan.info])]
+        replaced = {id(info.module) for info in infos}
         for info in infos:
             for attribute in ("weight", "bias"):
                 parameter = getattr(info.module, attribute, None)
                 if isinstance(parameter, nn.Parameter) and not parameter.is_meta:
+                    names, holders = self.owners.pop(id(parameter))
                     shell = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
-                    for module, name in self.owners[id(parameter)][1]:
-                        setattr(module, name, shell)
-                    self.owners[id(shell)] = self.owners.pop(id(parameter))
+                    freed = [id(module) in replaced for module, _ in holders]
+                    for (module, name), free in zip(holders, freed):
+                        if free:
+                            setattr(module, name, shell)
+                    self.owners[id(shell)] = _split_owners(names, holders, freed, True)
+                    if not all(freed):
+                        self.owners[id(parameter)] = _split_owners(names, holders, freed, False)
 
     @torch.no_grad()
     def _compress(self, unit: _Unit, inputs: list[tuple[tuple, dict]]) -> None:
@@ -367,7 +379,7 @@ class LayerwiseCalibration:
                     for path in info.names:
                         set_module(self.model, path, replacement)
                     unit.replaced[id(info.module)] = replacement
-            self._free(plan)
+            self._free(built)
             self.progress.set_postfix(ratio=f"{self.dense_parameters / max(self.compressed_parameters, 1):.1f}x")
             self.progress.update()
         unit.done = True
@@ -416,6 +428,14 @@ class LayerwiseCalibration:
         if left:
             raise ValueError(f"compress_pretrained: the checkpoint lacks {len(left)} tensor(s), e.g. {left[:3]}")
         swap_in(self.model, self.config, self.order)
+
+
+def _split_owners(
+    names: list[str], holders: list[tuple[nn.Module, str]], freed: list[bool], side: bool
+) -> tuple[list[str], list[tuple[nn.Module, str]]]:
+    """The names and holders of one parameter whose ``freed`` flag is ``side``."""
+    chosen = [index for index, flag in enumerate(freed) if flag == side]
+    return [names[index] for index in chosen], [holders[index] for index in chosen]
 
 
 class _Workers:

@@ -65,6 +65,8 @@ class StreamingCompression:
             for info in infos:
                 for name in info.names:
                     self.plans[f"{name}.weight"] = plan
+        self.head, self.head_weight_name, self.head_source = self._untied_head(model)
+        self.head_weight: torch.Tensor | None = None  # the untied head's dense tensor, set on it by finish
         self.factorizations: dict[int, nn.Module] = {}  # id(plan) -> built factorization
         self.standard_deviations: dict[int, float] = {}  # id(plan) -> dense std, for init="random"
         self.dense_parameters = 0
@@ -76,6 +78,22 @@ class StreamingCompression:
             disable=not sys.stderr.isatty(),
         )
 
+    def _untied_head(self, model: nn.Module) -> tuple[nn.Module | None, str | None, _Plan | None]:
+        """The output head ``untie_lm_head`` unties from the input embedding, its weight's name, and the
+        embedding's plan (None: the embedding stays dense).
+
+        The checkpoint holds one tensor for both (the head's key is left out as tied), so the head takes
+        its weight, or its own factorization, from the embedding's tensor.
+        """
+        if not self.config.untie_lm_head:
+            return None, None, None
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is None or embedding is None or getattr(head, "weight", None) is not embedding.weight:
+            return None, None, None
+        head_name = next(name for name, module in model.named_modules() if module is head)
+        source = next((plan for plan in self.order if plan.info.module is embedding), None)
+        return head, f"{head_name}.weight", source
+
     def claims(self, parameter_name: str) -> bool:
         return parameter_name in self.plans
 
@@ -83,6 +101,8 @@ class StreamingCompression:
     def consume(self, parameter_name: str, tensor: torch.Tensor) -> None:
         """Factorize (or, for ``init="random"``, measure) one dense tensor; nothing of it is kept."""
         plan = self.plans[parameter_name]
+        if self.head is not None and plan is self.head_source:
+            self._feed_untied_head(tensor)
         if plan.kind == KIND_TIED_HEAD or id(plan) in self.factorizations or id(plan) in self.standard_deviations:
             return  # a tied copy of a weight already consumed
         skeleton = plan.info.module.weight
@@ -101,6 +121,13 @@ class StreamingCompression:
         release_mapped_pages(self.checkpoint_files)
         release_freed_heap()
 
+    def _feed_untied_head(self, tensor: torch.Tensor) -> None:
+        """Give the untied head the embedding's dense tensor: factorized by its own plan, or kept for ``finish``."""
+        if self.head_weight_name in self.plans:
+            self.consume(self.head_weight_name, tensor)
+        elif self.head_weight is None:
+            self.head_weight = tensor.to(self.head.weight.dtype, copy=True)
+
     def _store(self, plan: _Plan, factorization: nn.Module) -> None:
         self.factorizations[id(plan)] = factorization
         self.compressed_parameters += sum(p.numel() for p in factorization.parameters())
@@ -110,6 +137,9 @@ class StreamingCompression:
     @torch.no_grad()
     def finish(self, model: nn.Module) -> None:
         """Draw the random inits in ``compress_model``'s order, wrap every factorization, swap all in."""
+        head_plan = self.plans.get(self.head_weight_name)
+        if head_plan is not None and self.head_source is None:  # the dense embedding loaded the head's tensor
+            self.consume(self.head_weight_name, self.head.weight)
         missing = [
             f"{plan.info.name}.weight"
             for plan in self.order
@@ -131,6 +161,8 @@ class StreamingCompression:
                 self._store(plan, self._random_factorization(plan))
             _wrap(plan, self.factorizations.pop(id(plan)), built_embeddings)
         self.progress.close()
+        if self.head_weight is not None:
+            self.head.weight = nn.Parameter(self.head_weight, requires_grad=self.head.weight.requires_grad)
         swap_in(model, self.config, self.order)
 
     def _random_factorization(self, plan: _Plan) -> nn.Module:
