@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .cce import EmbeddingCompression, embedding_compression_factor
-from .modules import BlockSparseLinear, FactorizedEmbedding, FactorizedLinear
+from .config import KronConfig
+from .modules import BlockSparseLinear, FactorizedEmbedding, FactorizedLinear, TiedFactorizedHead
 from .surgery import KIND_EMBEDDING, KIND_TIED_HEAD, applied_config
 
 
@@ -36,6 +37,7 @@ class CompressionReport:
 
     modules: list[ModuleReport] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)
+    untied: dict[str, str] = field(default_factory=dict)  # head -> the embedding it was tied to (untie_lm_head)
     total_before: int = 0
     total_after: int = 0
     embedding_compression: EmbeddingCompression | None = None
@@ -72,13 +74,17 @@ class CompressionReport:
             lines.append(OUTPUT_ERROR_LEGEND)
         for head, embedding in self.tied.items():
             lines.append(f"{head}: tied to {embedding} (shares its factors)")
+        for head, embedding in self.untied.items():
+            kept = "compressed above" if any(m.name == head for m in self.modules) else "dense"
+            lines.append(f"{head}: untied from {embedding} (untie_lm_head), its own weight, {kept}")
         if self.embedding_compression is not None:
             factor = self.embedding_compression
             lines.append(
                 f"embedding compression (Tsang & Ahle): {factor.all_tables:.1f}x over all {factor.tables} tables, "
                 f"{factor.largest_table:.1f}x on the largest"
             )
-        lines.append(f"model parameters: {self.total_before:,} -> {self.total_after:,} ({self.ratio:.2f}x smaller)")
+        change = f"{self.ratio:.2f}x smaller" if self.ratio >= 1 else f"{1 / self.ratio:.2f}x larger"
+        lines.append(f"model parameters: {self.total_before:,} -> {self.total_after:,} ({change})")
         return "\n".join(lines)
 
 
@@ -161,6 +167,25 @@ def report(model: nn.Module) -> CompressionReport:
             )
         )
     result.total_before = result.total_after + saved
+    untied = _untied_head(model, config)
+    if untied is not None:  # the dense model held one table for the embedding and the head
+        head, embedding, table_parameters = untied
+        result.untied[head] = embedding
+        result.total_before -= table_parameters
     if any(entry["kind"] == KIND_EMBEDDING for entry in config.modules.values()):
         result.embedding_compression = embedding_compression_factor(model)
     return result
+
+
+def _untied_head(model: nn.Module, config: KronConfig) -> tuple[str, str, int] | None:
+    """The output head ``untie_lm_head`` gave its own weight: its name, the embedding's, the table's size."""
+    if not config.untie_lm_head or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None  # the model's config never tied the head
+    try:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None or embedding is None or isinstance(head, TiedFactorizedHead):
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(head)], names[id(embedding)], head.in_features * head.out_features

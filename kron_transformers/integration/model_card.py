@@ -79,6 +79,10 @@ def render_model_card(
         f"The output head `{head}` is tied to `{embedding}` and shares its factors."
         for head, embedding in summary.tied.items()
     )
+    tied += "\n".join(
+        f"The output head `{head}` was tied to `{embedding}` and has its own weight (`untie_lm_head=True`)."
+        for head, embedding in summary.untied.items()
+    )
     return _template().substitute(
         tags="\n".join(f"- {tag}" for tag in all_tags),
         base_model_line=f"base_model: {base}" if base else "",
