@@ -70,6 +70,7 @@ _EXPORTS = {
     "applied_config": "surgery",
     "compress_model": "surgery",
     "decompress_model": "surgery",
+    "untie_lm_head": "surgery",
     "KronTrainingCallback": "training",
     "on_train_step": "training",
 }

@@ -453,6 +453,8 @@ def _refresh_tied_keys(model: nn.Module) -> None:
 def _rewrite_tied_weights_keys(model: nn.Module) -> None:
     """Map ``X.weight -> Y.weight`` ties between compressed modules to their shared factor names.
 
+    Always from the model's original ties (kept aside the first time), so it can run again after a change.
+
     transformers computes ``all_tied_weights_keys`` in ``post_init`` and ``tie_weights`` would
     otherwise try to assign a ``weight`` Parameter onto a compressed module (REFERENCES.md part 2,
     pitfalls 2-4). Ties not involving compressed modules (BERT's decoder bias) are kept. The tied
@@ -462,7 +464,7 @@ def _rewrite_tied_weights_keys(model: nn.Module) -> None:
     """
     tied_factor_keys: list[str] = []  # full names in ``model``
     for prefix, submodel in _pretrained_submodels(model):
-        original = getattr(submodel, "_tied_weights_keys", None)
+        original = submodel.__dict__.get(ORIGINAL_TIES_ATTRIBUTE) or getattr(submodel, "_tied_weights_keys", None)
         if not original:
             continue
         rewritten: dict[str, str] = {}
@@ -814,6 +816,49 @@ def _dense_linear(module: FactorizedLinear | BlockSparseLinear) -> nn.Module:
     return dense
 
 
+def _dense_head(module: TiedFactorizedHead, weight: nn.Parameter) -> nn.Linear:
+    """An ``nn.Linear`` computing ``module``'s logits from the dense ``weight`` (and ``module``'s bias)."""
+    dense = nn.Linear(
+        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    dense.weight = weight
+    if module.bias is not None:
+        dense.bias = module.bias
+    return dense
+
+
+@torch.no_grad()
+def untie_lm_head(model: nn.Module) -> nn.Module:
+    """Give a compressed model's tied output head its own dense weight, the embedding's materialized table.
+
+    The logits are unchanged; from then on the head trains apart from the factorized embedding, as
+    ``KronConfig(untie_lm_head=True)`` makes it at compression time (word2ket compresses only the input
+    embedding, Panahi et al., section 3.5). The recorded config says so, and the checkpoint then saves the head
+    and reloads it untied. In place; returns the model.
+
+    ```py
+    model = kt.untie_lm_head(AutoModelForSeq2SeqLM.from_pretrained("t5-word2ketxs"))  # then fine-tune
+    ```
+    """
+    config = applied_config(model)
+    heads = {name: entry for name, entry in (config.modules if config else {}).items() if entry["kind"] == KIND_TIED_HEAD}
+    if not heads:
+        raise ValueError(
+            "untie_lm_head: the model has no output head tied to a compressed embedding (not compressed, no "
+            "compressed embedding, or already untied); nothing to untie"
+        )
+    for name, entry in heads.items():
+        head = model.get_submodule(name)
+        dense = _dense_head(head, nn.Parameter(head.materialize().detach().clone()))
+        dense.train(head.training)
+        for path in [name, *entry.get("aliases", [])]:
+            set_module(model, path, dense)
+    records = {name: entry for name, entry in config.modules.items() if name not in heads}
+    mark_compressed(model, dataclasses.replace(config, modules=records, untie_lm_head=True))
+    _rewrite_tied_weights_keys(model)
+    return model
+
+
 @torch.no_grad()
 def decompress_model(model: nn.Module) -> nn.Module:
     """Materialize every compressed module back to plain ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``.
@@ -856,18 +901,7 @@ def decompress_model(model: nn.Module) -> nn.Module:
             replacements[key] = _dense_linear(module)
     for key, module in modules.items():
         if isinstance(module, TiedFactorizedHead):
-            weight = table_for(module)
-            dense = nn.Linear(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                device=weight.device,
-                dtype=weight.dtype,
-            )
-            dense.weight = weight
-            if module.bias is not None:
-                dense.bias = module.bias
-            replacements[key] = dense
+            replacements[key] = _dense_head(module, table_for(module))
     for key, replacement in replacements.items():
         replacement.train(modules[key].training)
         for path in paths[key]:

@@ -218,6 +218,36 @@ def test_untie_lm_head_gives_a_tied_head_its_own_weight(architecture, case, tmp_
     torch.testing.assert_close(logits(model, inputs), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("architecture", TEXT_ARCHITECTURES)
+def test_untie_lm_head_after_compression_keeps_the_logits_and_frees_the_head(architecture, tmp_path):
+    model = kt.compress_model(build_model(architecture).double(), kt.KronConfig(embedding=kt.Word2KetXS(rank=4)))
+    inputs = make_inputs(architecture)
+    expected = logits(model, inputs)
+    table = model.get_input_embeddings().materialize().detach().clone()
+    assert kt.untie_lm_head(model) is model
+    head = model.get_output_embeddings()
+    assert type(head) is nn.Linear and torch.equal(head.weight, table)
+    config = kt.applied_config(model)
+    assert config.untie_lm_head and all(entry["kind"] != "tied_head" for entry in config.modules.values())
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=1e-12, atol=1e-12)
+    model.train()
+    model(**inputs).loss.backward()
+    factors = list(model.get_input_embeddings().factorization.parameters())
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    assert all(factor.grad is not None for factor in factors) and all(f is not head.weight for f in factors)
+    model.eval().tie_weights()
+    assert model.get_output_embeddings() is head and torch.equal(head.weight, table)
+
+    model.save_pretrained(tmp_path)
+    reloaded = ARCHITECTURES[architecture][0].from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+    assert type(reloaded.get_output_embeddings()) is nn.Linear and kt.applied_config(reloaded).untie_lm_head
+    with pytest.raises(ValueError, match="untie_lm_head: the model has no output head tied to a compressed"):
+        kt.untie_lm_head(reloaded)
+    with pytest.raises(ValueError, match="nothing to untie"):
+        kt.untie_lm_head(build_model(architecture))
+
+
 BAD_CONFIGS = {
     "rank_too_large": (
         lambda: kt.KronConfig(attention=kt.Shapeshifter(rank=2), ffn=kt.LowRank(rank=500)),
