@@ -841,7 +841,8 @@ def untie_lm_head(model: nn.Module) -> nn.Module:
     ```
     """
     config = applied_config(model)
-    heads = {name: entry for name, entry in (config.modules if config else {}).items() if entry["kind"] == KIND_TIED_HEAD}
+    records = config.modules if config is not None else {}
+    heads = {name: entry for name, entry in records.items() if entry["kind"] == KIND_TIED_HEAD}
     if not heads:
         raise ValueError(
             "untie_lm_head: the model has no output head tied to a compressed embedding (not compressed, no "
@@ -853,8 +854,8 @@ def untie_lm_head(model: nn.Module) -> nn.Module:
         dense.train(head.training)
         for path in [name, *entry.get("aliases", [])]:
             set_module(model, path, dense)
-    records = {name: entry for name, entry in config.modules.items() if name not in heads}
-    mark_compressed(model, dataclasses.replace(config, modules=records, untie_lm_head=True))
+    kept = {name: entry for name, entry in records.items() if name not in heads}
+    mark_compressed(model, dataclasses.replace(config, modules=kept, untie_lm_head=True))
     _rewrite_tied_weights_keys(model)
     return model
 
