@@ -27,8 +27,10 @@ early (validation metric every ``eval_steps``, patience 2), and the best validat
   validation every 500. Trained on the subjects alone, the T5 never read the email (the subjects' NLL was the same with
   another email after 13 epochs); after the copy task it does. ROUGE-1/2/L F1 on the test split, greedy. T5 ties
   its output layer to the embedding (transformers forces it), so word2ketXS factorizes that layer too; Panahi's
-  models keep theirs dense (section 3.5), and so does a fourth run, ``word2ketxs_dense_head``
-  (``KronConfig(untie_lm_head=True)``: the head keeps the dense initial table as its own weight).
+  models keep theirs dense (section 3.5). Two more word2ketXS runs do: ``word2ketxs_dense_head``
+  (``KronConfig(untie_lm_head=True)``: the head keeps the dense initial table as its own weight, through both stages)
+  and ``word2ketxs_untied_head`` (the copy stage tied, then the recipes' ``--untie_lm_head``: the subject stage starts
+  from a dense head equal to the trained factorized table).
 - **Image classification, CIFAR-10**: the 10,000 shipped images shuffled with seed 0 and split 8,000 train /
   1,000 validation / 1,000 test; a ViT (32x32, patch 4, d 128, 4 layers) dense, with KPD (Zhu et al., eq. 3; rank
   4, 4x4 blocks, l1 proximal step on S, eq. 4, lambda 1e-5 to 1e-3), and with LowRank at KPD's parameter
@@ -291,7 +293,9 @@ def summarization_runs(data: Path, work: Path, fraction: float, cap: int | None)
         Run("summarization", "word2ketxs", "word2ketXS", "summarization", subjects, WORD2KETXS, "order 2, rank 10",
             pretraining=copying),
         Run("summarization", "word2ketxs_dense_head", "word2ketXS", "summarization", subjects, WORD2KETXS_DENSE_HEAD,
-            "order 2, rank 10; output layer dense (untie_lm_head)", pretraining=copying),
+            "order 2, rank 10; output layer dense from the start", pretraining=copying),
+        Run("summarization", "word2ketxs_untied_head", "word2ketXS", "summarization", [*subjects, "--untie_lm_head"],
+            WORD2KETXS, "order 2, rank 10; output layer untied after the copy stage", pretraining=copying),
         Run("summarization", "lowrank", "LowRank", "summarization", subjects, low_rank, "embedding, same size",
             pretraining=copying),
     ]  # fmt: skip

@@ -162,6 +162,20 @@ def test_summarization_compresses_a_pretrained_folder_with_svd_on_local_jsonl(tm
     assert saved["init"] == "svd" and 0 < saved["modules"]["shared"]["init_error"] < 1
 
 
+def test_untie_lm_head_fine_tunes_a_compressed_checkpoint_with_its_own_head(tmp_path):
+    tied, untied = tmp_path / "tied", tmp_path / "untied"
+    first = summarization.main([*SEQ2SEQ, "--max_steps", "2", "--output_dir", str(tied)])  # small_word2ketxs
+    assert json.loads((tied / "config.json").read_text())["quantization_config"]["modules"]["lm_head"]["kind"] == (
+        "tied_head"
+    )
+    arguments = [*SEQ2SEQ[2:], "--max_steps", "2", "--output_dir", str(untied), "--model_name_or_path", str(tied)]
+    second = summarization.main([*arguments, "--compression", "none", "--untie_lm_head"])
+    saved = json.loads((untied / "config.json").read_text())["quantization_config"]
+    assert saved["untie_lm_head"] and "lm_head" not in saved["modules"] and saved["modules"]["shared"]
+    head = load_file(untied / "model.safetensors")["lm_head.weight"]
+    assert second["parameters"]["total"] == first["parameters"]["total"] + head.numel()
+
+
 def test_kpd_l1_is_applied_in_adamws_metric(tmp_path):
     """With AdamW, lambda is eq. 4's: |dJ/dS| is far below 0.5 here, so two steps switch off nearly every block
     (the plain threshold lr * 0.5 <= 0.005 would leave S, initialized to ones, all non-zero)."""
@@ -224,6 +238,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch_and_push
         (["--kpd_l1", "0.1"], "--kpd_l1 needs KPD layers"),
         (["--resume_from_checkpoint", "latest"], "no checkpoint"),
         (["--early_stopping_patience", "2"], "--early_stopping_patience needs --eval_steps N > 0"),
+        (["--compression", "none", "--untie_lm_head"], "--untie_lm_head: the model has no output head tied"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_training(tmp_path, capsys, extra, message):

@@ -61,6 +61,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "Override the preset's init: 'svd' (from pretrained weights), 'random' (from scratch)."},
     )
+    untie_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Before training, give the compressed model's tied output head its own dense weight, the "
+            "embedding's materialized table (kt.untie_lm_head): only the input embedding stays factorized."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.model_name_or_path and self.model_config:

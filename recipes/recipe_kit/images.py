@@ -67,7 +67,7 @@ def build_image_model(
         )
     else:
         model = AutoModelForImageClassification.from_config(config)
-    return apply_compression(model, arguments.preset, arguments.model.init)
+    return apply_compression(model, arguments.preset, arguments.model.init, arguments.model.untie_lm_head)
 
 
 def image_task(arguments: RecipeArguments, builtin: Callable[[], dict], default_config: dict[str, Any]) -> Task:

@@ -83,12 +83,20 @@ def load_preset(value: str | None) -> Preset:
     return Preset(path.stem, config, dict(defaults))
 
 
-def apply_compression(model, preset: Preset, init: str | None):
-    """``kt.compress_model`` with the preset's config (``init`` overriding its own); a dense preset passes through."""
-    if preset.compression is None:
-        return model
-    config = kt.KronConfig.from_dict(preset.compression.to_dict(), **({"init": init} if init else {}))
-    try:
-        return kt.compress_model(model, config)
-    except (TypeError, ValueError) as error:
-        raise RecipeError(f"--compression {preset.name}: {error}") from None
+def apply_compression(model, preset: Preset, init: str | None, untie_lm_head: bool):
+    """``kt.compress_model`` with the preset's config (``init`` overriding its own); a dense preset passes through.
+
+    ``untie_lm_head``: then ``kt.untie_lm_head`` (a compressed checkpoint's tied head gets its own dense weight).
+    """
+    if preset.compression is not None:
+        config = kt.KronConfig.from_dict(preset.compression.to_dict(), **({"init": init} if init else {}))
+        try:
+            model = kt.compress_model(model, config)
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"--compression {preset.name}: {error}") from None
+    if untie_lm_head:
+        try:
+            kt.untie_lm_head(model)
+        except ValueError as error:
+            raise RecipeError(f"--untie_lm_head: {str(error).removeprefix('untie_lm_head: ')}") from None
+    return model

@@ -85,7 +85,7 @@ def build_seq2seq_model(
         if not config.is_encoder_decoder:
             raise RecipeError(f"--model_config: {config.model_type} is not an encoder-decoder model")
         model = AutoModelForSeq2SeqLM.from_config(config)
-    return apply_compression(model, arguments.preset, model_args.init)
+    return apply_compression(model, arguments.preset, model_args.init, model_args.untie_lm_head)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
