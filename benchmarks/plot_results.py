@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +30,7 @@ TASK_TITLES = {
 }
 MAIN_METRIC = {"translation": "test_bleu", "summarization": "test_rougeL", "cifar10": "test_accuracy"}
 DEFAULT_SEED = 42  # the recipes' --seed default (quality.py's rows before --seeds have no "seed")
+LEGEND_WIDTH = 60  # characters per legend line at fontsize 8 under a 5-inch panel
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 MARKERS = {"dense": "o", "dense (narrow)": "s", "Shapeshifter": "^", "word2ketXS": "^", "KPD": "^", "LowRank": "v"}
 
@@ -68,7 +70,15 @@ def is_default_seed(row: dict) -> bool:
 
 
 def legend_below(axis: plt.Axes) -> None:
-    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    """The legend under the panel, its labels wrapped to the panel's width (long ones ran into the next panel's)."""
+    handles, labels = axis.get_legend_handles_labels()
+    labels = [textwrap.fill(label, LEGEND_WIDTH, subsequent_indent="  ") for label in labels]
+    axis.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+
+def size_change(fewer_than_dense: float) -> str:
+    """``"12.6x fewer"``; a run larger than dense (an untied head) says ``"1.01x more"``."""
+    return f"{fewer_than_dense:.1f}x fewer" if fewer_than_dense >= 1 else f"{1 / fewer_than_dense:.2f}x more"
 
 
 def plot_quality(rows: list[dict], path: Path) -> None:
@@ -85,7 +95,7 @@ def plot_quality(rows: list[dict], path: Path) -> None:
                 edgecolors=color,
                 facecolors=color if is_default_seed(row) else "none",
                 linewidths=1.5,
-                label=f"{run_label(row, rows)} ({row['fewer_than_dense']:.1f}x fewer)",
+                label=f"{run_label(row, rows)} ({size_change(row['fewer_than_dense'])})",
             )
         axis.set_xscale("log")
         axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 200k, 500k, 1M, ...

@@ -157,6 +157,9 @@ def test_plot_labels_name_the_run_where_a_task_has_two_of_a_method_and_a_seed_no
         "dense", "dense, seed 43", "Shapeshifter: embedding rank 32", "Shapeshifter: embedding rank 96",
         "Shapeshifter",
     ]  # fmt: skip
+    size_change = load("plot_results").size_change
+    assert size_change(12.63) == "12.6x fewer" and size_change(1.0) == "1.0x fewer"
+    assert size_change(1_943_296 / 1_963_536) == "1.01x more"  # word2ketXS with its head untied
 
 
 def test_plot_colours_are_per_run_and_other_seeds_are_hollow():
