@@ -807,17 +807,11 @@ def _dense_linear(module: FactorizedLinear | BlockSparseLinear) -> nn.Module:
         dense.weight = weight
         dense.bias = module.bias if module.bias is not None else nn.Parameter(torch.zeros_like(dense.bias))
         return dense
-    dense = nn.Linear(
-        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    dense.weight = weight
-    if module.bias is not None:
-        dense.bias = module.bias
-    return dense
+    return _linear_with(module, weight)
 
 
-def _dense_head(module: TiedFactorizedHead, weight: nn.Parameter) -> nn.Linear:
-    """An ``nn.Linear`` computing ``module``'s logits from the dense ``weight`` (and ``module``'s bias)."""
+def _linear_with(module: nn.Module, weight: nn.Parameter) -> nn.Linear:
+    """An ``nn.Linear`` of ``module``'s sizes computing from the dense ``weight`` (and ``module``'s bias)."""
     dense = nn.Linear(
         module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype
     )
@@ -850,7 +844,7 @@ def untie_lm_head(model: nn.Module) -> nn.Module:
         )
     for name, entry in heads.items():
         head = model.get_submodule(name)
-        dense = _dense_head(head, nn.Parameter(head.materialize().detach().clone()))
+        dense = _linear_with(head, nn.Parameter(head.materialize().detach().clone()))
         dense.train(head.training)
         for path in [name, *entry.get("aliases", [])]:
             set_module(model, path, dense)
@@ -902,7 +896,7 @@ def decompress_model(model: nn.Module) -> nn.Module:
             replacements[key] = _dense_linear(module)
     for key, module in modules.items():
         if isinstance(module, TiedFactorizedHead):
-            replacements[key] = _dense_head(module, table_for(module))
+            replacements[key] = _linear_with(module, table_for(module))
     for key, replacement in replacements.items():
         replacement.train(modules[key].training)
         for path in paths[key]:
