@@ -47,6 +47,41 @@ with torch.no_grad():
 """
 
 
+# transformers loads its model code from inside one of this package's imports, as it does when ``peft`` is
+# installed (``kron_transformers.training`` imports ``TrainerCallback``, whose module imports peft, which imports
+# transformers' models): the plugin still registers, once that import returns, and nothing is left half-imported
+NESTED_TRIGGER = """
+import importlib.abc, sys
+import kron_transformers as kt
+
+class LoadModelCodeFirst(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "kron_transformers.training":
+            sys.meta_path.remove(self)
+            import transformers.modeling_utils  # while kron_transformers.modules and .cce are mid-import
+        return None
+
+sys.meta_path.insert(0, LoadModelCodeFirst())
+from kron_transformers import KPDLinear
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+assert "transformers.modeling_utils" in sys.modules
+assert AUTO_QUANTIZATION_CONFIG_MAPPING["kron"] is kt.KronConfig
+assert KPDLinear.__name__ == "KPDLinear" and hasattr(sys.modules["kron_transformers.modules"], "COMPRESSED_MODULES")
+"""
+
+# with peft installed, each of these is the first thing a script imports
+PEFT_FIRST_IMPORTS = (
+    "from kron_transformers import KPDLinear",
+    "import kron_transformers as kt; kt.KronTrainingCallback",
+    "from kron_transformers.modules import KronLinear",
+)
+PEFT_CHECK = """
+import sys
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+assert "peft" in sys.modules and "kron" in AUTO_QUANTIZATION_CONFIG_MAPPING
+"""
+
+
 def run(code: str, *args: str, **env: str) -> None:
     result = subprocess.run(
         [sys.executable, "-c", code, *args],
@@ -78,6 +113,16 @@ def saved_gpt2(tmp_path_factory):
 @pytest.mark.parametrize("first", ["kron_transformers", "transformers"])
 def test_from_pretrained_after_import_in_either_order(saved_gpt2, first):
     run(LOAD, str(saved_gpt2), str(saved_gpt2 / "expected.safetensors"), IMPORT_FIRST=first)
+
+
+def test_model_code_loaded_inside_an_import_of_this_package_registers_after_it():
+    run(NESTED_TRIGGER)
+
+
+@pytest.mark.parametrize("statement", PEFT_FIRST_IMPORTS)
+def test_first_imports_with_peft_installed(statement):
+    pytest.importorskip("peft")
+    run(statement + "\n" + PEFT_CHECK)
 
 
 def test_submodule_import_keeps_kt_report_and_distill_functions():
