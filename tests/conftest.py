@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -40,6 +41,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = "multiprocess" if item.path.name in MULTIPROCESS_FILES else item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+# where the Triton kernel tests run the kernels: compiled on CUDA when there is a GPU, else interpreted on the CPU
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(item, device) for item in value)
+    return value
+
+
+def on_kernel_device(function):
+    """``function`` with its tensor arguments (also inside lists) moved to ``KERNEL_DEVICE`` and its tensor result
+    moved back to the CPU, both differentiably: a test builds its inputs and float64 references on the CPU and runs
+    the same kernel on a GPU machine as on CI (where every move is a no-op)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        moved_kwargs = {name: _moved(value, KERNEL_DEVICE) for name, value in kwargs.items()}
+        return _moved(function(*_moved(args, KERNEL_DEVICE), **moved_kwargs), torch.device("cpu"))
+
+    return run
 
 
 VOCAB = 99

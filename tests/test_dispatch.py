@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE
 
 import kron_transformers.kernels as kernels
 from kron_transformers import (
@@ -54,12 +55,12 @@ def triton_calls(monkeypatch):
     return calls
 
 
-def kron_args(seed=0, order=2, dtype=torch.float32):
+def kron_args(seed=0, order=2, dtype=torch.float32, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     shapes = [(3, 2), (2, 3)] if order == 2 else [(2, 2), (2, 1), (1, 3)]
-    factors = [torch.randn(2, a, b, generator=generator, dtype=dtype) for a, b in shapes]
+    factors = [torch.randn(2, a, b, generator=generator, dtype=dtype).to(device) for a, b in shapes]
     cols = 6
-    return torch.randn(4, cols, generator=generator, dtype=dtype), factors
+    return torch.randn(4, cols, generator=generator, dtype=dtype).to(device), factors
 
 
 def test_auto_picks_torch_for_cpu_tensors(backend):
@@ -87,7 +88,7 @@ def test_forced_triton_without_triton_is_a_clear_error(backend, monkeypatch):
 
 
 def test_forced_triton_runs_the_kernel_and_matches_torch(backend, triton_calls):
-    x, factors = kron_args(seed=1)
+    x, factors = kron_args(seed=1, device=KERNEL_DEVICE)
     backend("torch")
     expected = kernels.kron_matmul(x, factors, 5)
     assert triton_calls == []
@@ -131,7 +132,8 @@ def test_layers_go_through_the_fused_kernels_when_forced(backend, triton_calls):
     layers = [KronLinear(12, 10, rank=2, factor_shapes=[(2, 3), (5, 4)]), KPDLinear(12, 10, rank=2, block_size=(5, 3))]
     with torch.no_grad():
         layers[1].factorization.s.normal_()
-    x = torch.randn(3, 12)
+    layers = [layer.to(KERNEL_DEVICE) for layer in layers]
+    x = torch.randn(3, 12).to(KERNEL_DEVICE)
     for layer in layers:
         results = {}
         for name in ("torch", "triton"):
@@ -149,14 +151,14 @@ def test_tied_head_logits_go_through_the_fused_kernel(backend, triton_calls):
     """Kernel 3: logits ``h E^T`` from an order-2 Kronecker table by the same fused op, table never formed."""
     torch.manual_seed(0)
     embedding = KronEmbedding(99, 12, rank=2, factor_shapes=[(11, 3), (9, 4)], padding_idx=1)
-    head = TiedFactorizedHead(embedding)
-    hidden = torch.randn(2, 3, 12, requires_grad=True)
+    head = TiedFactorizedHead(embedding).to(KERNEL_DEVICE)
+    hidden = torch.randn(2, 3, 12).to(KERNEL_DEVICE).requires_grad_()
     assert factored_is_cheaper(hidden, list(embedding.factorization.factors), 99, 12)
     backend("triton")
     logits = head(hidden)
     expected = hidden.double() @ embedding.materialize().double().T
     torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(logits[..., 1], torch.zeros(2, 3))
+    assert torch.equal(logits[..., 1], torch.zeros(2, 3, device=KERNEL_DEVICE))
     grad = torch.autograd.grad(logits.sum(), hidden)[0]
     torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), hidden)[0], rtol=1e-5, atol=1e-5)
     assert triton_calls == ["library_ops:kron_matmul"]
@@ -171,7 +173,7 @@ def forward_and_grads(module, backend, name, *inputs):
     backend(name)
     module.zero_grad()
     output = module(*inputs)
-    (output * torch.linspace(-1, 1, output.shape[-1])).square().sum().backward()
+    (output * torch.linspace(-1, 1, output.shape[-1], device=output.device)).square().sum().backward()
     return [output] + [p.grad.clone() for p in module.parameters() if p.grad is not None]
 
 
@@ -188,6 +190,7 @@ def test_embeddings_go_through_the_fused_gather_kernels_when_forced(backend, tri
         (TTEmbeddingBag(60, 10, tt_ranks=3, mode="mean", init="glorot"), (ids,)),
     ]
     for module, inputs in cases:
+        module, inputs = module.to(KERNEL_DEVICE), [tensor.to(KERNEL_DEVICE) for tensor in inputs]
         fused = forward_and_grads(module, backend, "triton", *inputs)
         reference = forward_and_grads(module, backend, "torch", *inputs)
         assert len(fused) == len(reference) > 1
@@ -208,8 +211,9 @@ def test_block_sparse_linear_uses_the_kernel_forward_and_backward(backend, trito
     weight = torch.randn(6, 8) * torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]).repeat_interleave(
         2, 0
     ).repeat_interleave(4, 1)
-    module = BlockSparseLinear.from_dense(weight, (2, 4), torch.randn(6))
-    x = torch.randn(3, 8, requires_grad=True)
+    module = BlockSparseLinear.from_dense(weight, (2, 4), torch.randn(6)).to(KERNEL_DEVICE)
+    weight = weight.to(KERNEL_DEVICE)
+    x = torch.randn(3, 8).to(KERNEL_DEVICE).requires_grad_()
     expected = x @ weight.T + module.bias
     backend("triton")
     with torch.no_grad():
@@ -217,7 +221,7 @@ def test_block_sparse_linear_uses_the_kernel_forward_and_backward(backend, trito
     assert triton_calls == ["library_ops:block_sparse_matmul"]
     output = module(x)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn(3, 6)
+    grad = torch.randn(3, 6).to(KERNEL_DEVICE)
     torch.testing.assert_close(torch.autograd.grad(output, x, grad)[0], grad @ weight, rtol=1e-5, atol=1e-5)
     values = module.values.clone().requires_grad_()
     arguments = (x, values, module.crow_indices, module.col_indices, 6)
@@ -229,6 +233,37 @@ def test_block_sparse_linear_uses_the_kernel_forward_and_backward(backend, trito
     assert len(triton_calls) == 3
 
 
+def test_auto_runs_each_kernel_where_it_measured_faster(backend, triton_calls, monkeypatch):
+    """On CUDA arguments ``auto`` runs kron_matmul's kernel, never kpd_matmul's, and the row gathers' only when no
+    argument needs a gradient (``ops.py``: their backward measured slower than PyTorch's on an H200)."""
+    backend(None)
+    monkeypatch.setattr(dispatch, "selected_backend", lambda *tensors: "triton")  # what CUDA arguments get
+    x, factors = kron_args(seed=5, device=KERNEL_DEVICE)
+    kernels.kron_matmul(x, factors, 5)
+    assert kernels_run(triton_calls) == ["library_ops:kron_matmul"]
+    scale, a, b = (torch.randn(*shape).to(KERNEL_DEVICE) for shape in [(6, 5), (2, 6, 5), (2, 1, 1)])
+    torch.testing.assert_close(
+        kernels.kpd_matmul(x[:, :5], scale, a, b, 6), torch_ops.kpd_matmul(x[:, :5], scale, a, b, 6)
+    )
+    assert kernels_run(triton_calls) == ["library_ops:kron_matmul"]
+    ids = torch.tensor([4, 0, 4]).to(KERNEL_DEVICE)
+    table = [factor.clone().requires_grad_() for factor in factors]
+    kernels.kron_gather_rows(ids, table, 6)  # the factors need gradients: PyTorch
+    assert kernels_run(triton_calls) == ["library_ops:kron_matmul"]
+    with torch.no_grad():
+        kernels.kron_gather_rows(ids, table, 6)
+    kernels.tt_gather_rows(
+        ids, [torch.randn(1, 3, 2, 2).to(KERNEL_DEVICE), torch.randn(2, 3, 3, 1).to(KERNEL_DEVICE)], 6
+    )
+    assert kernels_run(triton_calls)[1:] == [
+        "triton_gather:kron_gather_rows_triton",
+        "triton_tensor_train:tt_gather_rows_triton",
+    ]
+    backend("triton")  # forcing the backend runs every kernel regardless of its policy
+    kernels.kpd_matmul(x[:, :5], scale, a, b, 6)
+    assert kernels_run(triton_calls)[-1] == "library_ops:kpd_matmul"
+
+
 def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):
     ops = {"kron_matmul", "kpd_matmul", "kron_gather_rows", "block_sparse_matmul", "tt_gather_rows"}
     ops.add("tt_embedding_bag")
@@ -238,6 +273,8 @@ def test_register_kernel_adds_one_dispatched_op(backend, monkeypatch):
     assert dispatch.KERNELS["double"].triton_impl == "library_ops:kron_matmul"
     backend(None)
     torch.testing.assert_close(doubled(torch.ones(2)), torch.full((2,), 2.0))
+    with pytest.raises(ValueError, match="kernel 'half': auto must be one of"):
+        dispatch.register_kernel("half", lambda x: x / 2, "library_ops:kron_matmul", auto="sometimes")
 
 
 @pytest.mark.parametrize("env", [None, "triton"])

@@ -1,4 +1,5 @@
-"""Triton Kronecker row gather vs a float64 ``torch.kron`` table (interpreted on CPU, TRITON_INTERPRET=1)."""
+"""Triton Kronecker row gather vs a float64 ``torch.kron`` table (interpreted on CPU, TRITON_INTERPRET=1; compiled
+on a GPU machine, ``conftest.on_kernel_device``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import on_kernel_device
 
 
 triton = pytest.importorskip("triton")
@@ -13,7 +15,9 @@ triton = pytest.importorskip("triton")
 from kron_transformers.kernels import triton_gather  # noqa: E402
 from kron_transformers.kernels.coverage import kron_gather_rows_covers  # noqa: E402
 from kron_transformers.kernels.torch_ops import kron_gather_rows  # noqa: E402
-from kron_transformers.kernels.triton_gather import kron_gather_rows_triton  # noqa: E402
+
+
+kron_gather_rows_triton = on_kernel_device(triton_gather.kron_gather_rows_triton)
 
 
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -1,14 +1,21 @@
-"""Atomic-free segmented sums behind the embedding kernels' backward passes (interpreted on CPU)."""
+"""Atomic-free segmented sums behind the embedding kernels' backward passes (interpreted on CPU; compiled on a GPU
+machine, ``conftest.on_kernel_device``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import on_kernel_device
 
 
 triton = pytest.importorskip("triton")
 
-from kron_transformers.kernels.triton_segment import reduce_by_digit, segment_sum, unique_slots  # noqa: E402
+from kron_transformers.kernels import triton_segment  # noqa: E402
+from kron_transformers.kernels.triton_segment import unique_slots  # noqa: E402
+
+
+segment_sum = on_kernel_device(triton_segment.segment_sum)
+reduce_by_digit = on_kernel_device(triton_segment.reduce_by_digit)
 
 
 def test_unique_slots_match_torch_unique():

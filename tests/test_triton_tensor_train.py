@@ -1,4 +1,5 @@
-"""Triton TT row gather and TT embedding bag vs a float64 einsum TT table (interpreted on CPU, TRITON_INTERPRET=1)."""
+"""Triton TT row gather and TT embedding bag vs a float64 einsum TT table (interpreted on CPU, TRITON_INTERPRET=1;
+compiled on a GPU machine, ``conftest.on_kernel_device``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import on_kernel_device
 
 
 triton = pytest.importorskip("triton")
 
 from kron_transformers.kernels import triton_tensor_train  # noqa: E402
 from kron_transformers.kernels.coverage import tt_embedding_bag_covers, tt_gather_rows_covers  # noqa: E402
-from kron_transformers.kernels.triton_tensor_train import tt_embedding_bag_triton, tt_gather_rows_triton  # noqa: E402
+
+
+tt_gather_rows_triton = on_kernel_device(triton_tensor_train.tt_gather_rows_triton)
+tt_embedding_bag_triton = on_kernel_device(triton_tensor_train.tt_embedding_bag_triton)
 
 
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -5,7 +5,10 @@
 - ``KRON_TRANSFORMERS_BACKEND=torch``: always the PyTorch reference;
 - ``KRON_TRANSFORMERS_BACKEND=triton``: the Triton kernel (a clear error when Triton is not installed;
   arguments the kernel does not cover fall back to PyTorch with a one-time warning);
-- ``auto`` (default): Triton when every tensor argument is on CUDA and Triton imports, PyTorch otherwise.
+- ``auto`` (default): Triton when every tensor argument is on CUDA, Triton imports and the op's ``auto`` policy
+  says so (``"always"``; ``"inference"``: only when no tensor argument needs a gradient; ``"never"``), PyTorch
+  otherwise. The policies in ``ops.py`` follow the kernels measured against the PyTorch path on an H200
+  (``benchmarks/backend_speed.py``, ``benchmarks/RESULTS.md``).
 
 Under ``torch.compile`` an op registered with a ``compiled`` implementation (a ``torch.library`` custom op over
 its Triton kernel, ``library_ops``) is traced as that opaque op when its tensors are on CUDA (or, under
@@ -29,19 +32,33 @@ import torch
 
 BACKEND_ENV = "KRON_TRANSFORMERS_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
+AUTO_POLICIES = ("always", "inference", "never")
 
 
 @dataclass(frozen=True)
 class KernelEntry:
     """One op: its PyTorch reference, its Triton kernel (``"module:function"`` under ``kron_transformers.kernels``,
     imported on first use) and the predicate saying which arguments the kernel supports (a callable, or a
-    ``"module:function"`` beside a kernel that needs Triton to import)."""
+    ``"module:function"`` beside a kernel that needs Triton to import) and when ``auto`` picks the kernel on CUDA
+    (one of ``AUTO_POLICIES``)."""
 
     name: str
     torch_impl: Callable[..., Any]
     triton_impl: str | None
     covers: Callable[..., bool] | str
     compiled: Callable[..., Any] | None = None
+    auto: str = "always"
+
+    def __post_init__(self) -> None:
+        if self.auto not in AUTO_POLICIES:
+            raise ValueError(f"kernel {self.name!r}: auto must be one of {AUTO_POLICIES}, got {self.auto!r}")
+
+    def auto_picks_kernel(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether ``auto`` runs the kernel on these (CUDA) arguments: per ``auto``, and for ``"inference"`` only
+        when no argument needs a gradient (the kernel's backward measured slower than PyTorch's)."""
+        if self.auto == "inference":
+            return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        return self.auto == "always"
 
     def kernel_covers(self, *args: Any, **kwargs: Any) -> bool:
         covers = _load(self.covers) if isinstance(self.covers, str) else self.covers
@@ -144,6 +161,7 @@ def register_kernel(
     triton_impl: str | None = None,
     covers: Callable[..., bool] | str | None = None,
     compiled: Callable[..., Any] | None = None,
+    auto: str = "always",
 ) -> Callable[..., Any]:
     """Add op ``name`` to ``KERNELS`` and return its dispatched function (same signature as ``torch_impl``).
 
@@ -151,11 +169,12 @@ def register_kernel(
     only needed when it runs); ``covers(*args, **kwargs)`` says whether the kernel supports those arguments
     (default: all); like ``triton_impl`` it may be a lazily imported ``"module:function"``. ``compiled`` is what
     ``torch.compile`` traces instead of ``torch_impl`` where the kernel applies: a function calling ``torch.library``
-    custom ops (importable without Triton); ``covers`` must then be a callable.
+    custom ops (importable without Triton); ``covers`` must then be a callable. ``auto`` says when the ``auto``
+    backend runs the kernel on CUDA tensors (``AUTO_POLICIES``; forcing ``triton`` runs it regardless).
     Registering a name again replaces the entry.
     """
     entry = KernelEntry(
-        name, torch_impl, triton_impl, covers if covers is not None else (lambda *a, **k: True), compiled
+        name, torch_impl, triton_impl, covers if covers is not None else (lambda *a, **k: True), compiled, auto
     )
     KERNELS[name] = entry
 
@@ -166,7 +185,9 @@ def register_kernel(
         if entry.triton_impl is None:
             return entry.torch_impl(*args, **kwargs)
         tensors = _tensors((*args, *kwargs.values()))
-        if selected_backend(*tensors) == "torch":
+        if selected_backend(*tensors) == "torch" or (
+            requested_backend() == "auto" and not entry.auto_picks_kernel(tensors)
+        ):
             return entry.torch_impl(*args, **kwargs)
         if _runnable_on_device(tensors) and entry.kernel_covers(*args, **kwargs):
             return _load(entry.triton_impl)(*args, **kwargs)

@@ -41,11 +41,21 @@ def covers_block_sparse_matmul(
     return x.dtype in KRON_LINEAR_DTYPES and values.dtype == x.dtype
 
 
+# ``auto`` policies, from bf16 on an H200 (benchmarks/backend_speed.py, 1,024 and 32,768 rows; time over the
+# PyTorch path's, forward / forward+backward; benchmarks/RESULTS.md): kron_matmul 0.87/1.46 and 0.14/0.47,
+# block_sparse_matmul 0.24/0.86 and 0.09/0.72, tt_embedding_bag 0.63/1.65 and 0.80/0.75: always. kpd_matmul
+# 1.12/1.65 and 3.07/7.69: never. The row gathers' backward loses (kron_gather_rows order 2: 1.00/2.11 and
+# 0.89/2.03; tt_gather_rows 0.59/1.71 and 1.36/1.33): inference only.
 kron_matmul = register_kernel(
     "kron_matmul", torch_ops.kron_matmul, "library_ops:kron_matmul", covers_kron_matmul, library_ops.kron_matmul
 )
 kpd_matmul = register_kernel(
-    "kpd_matmul", torch_ops.kpd_matmul, "library_ops:kpd_matmul", covers_kpd_matmul, library_ops.kpd_matmul
+    "kpd_matmul",
+    torch_ops.kpd_matmul,
+    "library_ops:kpd_matmul",
+    covers_kpd_matmul,
+    library_ops.kpd_matmul,
+    auto="never",
 )
 kron_gather_rows = register_kernel(
     "kron_gather_rows",
@@ -53,6 +63,7 @@ kron_gather_rows = register_kernel(
     "triton_gather:kron_gather_rows_triton",
     coverage.kron_gather_rows_covers,
     library_ops.kron_gather_rows,
+    auto="inference",
 )
 block_sparse_matmul = register_kernel(
     "block_sparse_matmul",
@@ -67,6 +78,7 @@ tt_gather_rows = register_kernel(
     "triton_tensor_train:tt_gather_rows_triton",
     coverage.tt_gather_rows_covers,
     library_ops.tt_gather_rows,
+    auto="inference",
 )
 tt_embedding_bag = register_kernel(
     "tt_embedding_bag",
