@@ -1,4 +1,4 @@
-"""T5 ``generate`` and inference forward of compressed models against the dense model, on CPU, in one process.
+"""T5 ``generate`` and inference forward of compressed models against the dense model, in one process.
 
 A T5-small-sized model is built from a config (random weights, nothing downloaded) and compressed four
 ways: Shapeshifter r16 on attention and feed-forward, KPD r4 with 4x4 blocks on the feed-forward,
@@ -15,6 +15,7 @@ Run from the repository root::
     python benchmarks/generation.py                          # T5-small size, 8 x 128 tokens, 20 new tokens
     python benchmarks/generation.py --layers 2 --batch 2 --seq 32 --rounds 3 --threads 1   # about a minute
     python benchmarks/generation.py --threads 1 --clock cpu    # on a loaded machine: CPU time, not wall time
+    python benchmarks/generation.py --device cuda --dtype bfloat16   # on a GPU (times bracketed by synchronize)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import kron_transformers as kt
 # is the uncontended run time); ``wall`` (default): elapsed time.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = ["wall"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS: dict[str, Callable[[], kt.KronConfig]] = {
     "Shapeshifter r16 attention+ffn": lambda: kt.KronConfig(
         attention=kt.Shapeshifter(rank=16), ffn=kt.Shapeshifter(rank=16), init="random"
@@ -67,10 +69,15 @@ def build_t5(layers: int, seed: int = 0) -> torch.nn.Module:
     return AutoModelForSeq2SeqLM.from_config(config).eval()
 
 
-def timed(run: Callable[[], object]) -> float:
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one ``run``; on CUDA the queued kernels are waited for before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = CLOCKS[CLOCK[0]]()
     with torch.no_grad():
         run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return CLOCKS[CLOCK[0]]() - start
 
 
@@ -85,6 +92,8 @@ def parse_arguments() -> argparse.Namespace:
         "--clock", choices=tuple(CLOCKS), default="wall", help="wall time or process CPU time (use with --threads 1)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype (default float32)")
     parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(VARIANTS)} (substring match)")
     return parser.parse_args()
 
@@ -95,15 +104,16 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     if arguments.threads is not None:
         torch.set_num_threads(arguments.threads)
+    device, dtype = torch.device(arguments.device), DTYPES[arguments.dtype]
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(2, 32128, (arguments.batch, arguments.seq), generator=generator)
-    decoder_ids = torch.randint(2, 32128, (arguments.batch, arguments.new_tokens), generator=generator)
-    models: dict[str, torch.nn.Module] = {"dense": build_t5(arguments.layers)}
+    input_ids = torch.randint(2, 32128, (arguments.batch, arguments.seq), generator=generator).to(device)
+    decoder_ids = torch.randint(2, 32128, (arguments.batch, arguments.new_tokens), generator=generator).to(device)
+    models: dict[str, torch.nn.Module] = {"dense": build_t5(arguments.layers).to(device, dtype)}
     for name, make_config in VARIANTS.items():
         if arguments.variants and not any(part in name for part in arguments.variants):
             continue
         for cache in CACHE_MODES:
-            model = kt.compress_model(build_t5(arguments.layers), make_config())
+            model = kt.compress_model(build_t5(arguments.layers), make_config()).to(device, dtype)
             kt.prepare_for_inference(model, cache=cache)
             models[f"{name} | cache={cache}"] = model
 
@@ -119,8 +129,10 @@ def main() -> None:
     def forward(model):
         return lambda: model(input_ids=input_ids, decoder_input_ids=decoder_ids)
 
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"torch {torch.__version__} | threads {torch.get_num_threads()} | T5-small, {arguments.layers} layers | "
+        f"torch {torch.__version__} | {device_name} {arguments.dtype} | threads {torch.get_num_threads()} | "
+        f"T5-small, {arguments.layers} layers | "
         f"{arguments.batch}x{arguments.seq} input tokens, {arguments.new_tokens} new tokens | "
         f"{arguments.rounds} rounds after 1 warm-up | cost model {kt.factorizations.cost.cost_model()} | "
         f"clock {arguments.clock}"
@@ -132,7 +144,10 @@ def main() -> None:
     for round_index in range(arguments.rounds + 1):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         times = {
-            name: {"generate": timed(generate(models[name])), "forward": timed(forward(models[name]))}
+            name: {
+                "generate": timed(generate(models[name]), device),
+                "forward": timed(forward(models[name]), device),
+            }
             for name in order
         }
         if round_index == 0:

@@ -40,3 +40,26 @@ def test_cpu_smoke_run_writes_one_markdown_table(tmp_path):
     }
     assert all(line.split(" | ")[3] == "1x8" for line in rows)
     assert "dry run, not run:" in report and "tests/test_triton_kron_linear.py" in report
+
+
+def test_backend_speed_smoke_times_every_dispatched_op_with_both_backends():
+    pytest.importorskip("triton")
+    script = SCRIPT.parent / "backend_speed.py"
+    environment = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    arguments = ["--device", "cpu", "--smoke", "--dtype", "float32", "--tokens", "8"]
+    result = subprocess.run(
+        [sys.executable, str(script), *arguments], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[-1:] and line.endswith("x")]
+    ops = {row[0] for row in rows}
+    assert ops == {
+        "kron_matmul",
+        "kpd_matmul",
+        "block_sparse_matmul",
+        "kron_gather_rows",
+        "tt_gather_rows",
+        "tt_embedding_bag",
+    }
+    assert len(rows) == 14  # 7 cases (word2ketXS of order 2 and 3), forward and forward + backward each
+    assert all(float(row[-3]) > 0 and float(row[-2]) > 0 for row in rows)
