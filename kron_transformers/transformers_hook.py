@@ -4,9 +4,9 @@
 must nevertheless be registered before any ``from_pretrained`` runs, and ``from_pretrained`` lives in
 ``transformers.modeling_utils``. So the plugin registers itself right after that module is imported:
 immediately when it already is, otherwise from an import hook that runs the registration as soon as
-transformers finishes importing it, or, when that happens inside one of this package's own imports, as soon
-as that import returns (``kron_transformers.integration.hf_quantizer`` registers ``KronConfig`` and
-``KronHfQuantizer`` when it is imported).
+transformers finishes importing it, or, when that happens inside another import of transformers or of this
+package, as soon as the outermost such import returns (``kron_transformers.integration.hf_quantizer``
+registers ``KronConfig`` and ``KronHfQuantizer`` when it is imported).
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def _remove_finder() -> None:
 
 
 def register_with_transformers() -> None:
-    """Register now if transformers' model code is loaded, else as soon as it is imported (and this package's
-    imports in progress have returned)."""
+    """Register now if transformers' model code is loaded, else as soon as it is imported and no import of
+    transformers or of this package is in progress."""
     if TRIGGER in sys.modules:
         _remove_finder()
         _register()
