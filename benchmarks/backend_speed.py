@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from kernel_speed import synchronize
 
 import kron_transformers as kt
 from kron_transformers import kernels
@@ -32,11 +33,6 @@ from kron_transformers.kernels import dispatch
 
 
 BACKENDS = ("torch", "triton")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def op_cases(tokens: int, dtype: torch.dtype, device: torch.device, smoke: bool) -> dict[str, Callable]:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from kernel_speed import synchronize
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 from transformers.utils import logging as hf_logging
 
@@ -71,13 +72,11 @@ def build_t5(layers: int, seed: int = 0) -> torch.nn.Module:
 
 def timed(run: Callable[[], object], device: torch.device) -> float:
     """Seconds of one ``run``; on CUDA the queued kernels are waited for before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = CLOCKS[CLOCK[0]]()
     with torch.no_grad():
         run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return CLOCKS[CLOCK[0]]() - start
 
 

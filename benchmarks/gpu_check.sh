@@ -33,6 +33,7 @@ cd "$root"
 table="$out/rows.md"
 report="$out/gpu_check.md"
 : > "$table"
+rm -f "$out/tests.log" "$out/generation.log" "$out"/kernel_speed_*.log
 steps=()
 
 kernel_tests=(
@@ -66,12 +67,13 @@ write_report() {
   } > "$report"
 }
 
-# run_step NAME SECONDS COMMAND...: runs COMMAND under a time limit, records its exit status, rewrites the report
+# run_step NAME SECONDS LOG COMMAND...: runs COMMAND under a time limit with its output appended to LOG, records
+# its exit status, rewrites the report
 run_step() {
-  local name="$1" seconds="$2"
-  shift 2
+  local name="$1" seconds="$2" log="$3"
+  shift 3
   echo "== $name (limit ${seconds}s)"
-  timeout "$seconds" "$@"
+  timeout "$seconds" "$@" >> "$log" 2>&1
   local status=$?
   steps+=("$name=$status")
   write_report
@@ -91,8 +93,7 @@ triton {triton.__version__}, transformers {transformers.__version__}, CUDA {torc
   # runs after the first two
   speed_steps=(bfloat16:8192:90 bfloat16:8:75 generation bfloat16:1024:45 bfloat16:1:45 float32:8192:60)
   tests_summary="running"
-  run_step kernel-tests 120 bash -c "$(printf '%q ' "$python" -m pytest -q -rfE -p no:cacheprovider -n 8 \
-    "${kernel_tests[@]}") > $(printf '%q' "$out/tests.log") 2>&1"
+  run_step kernel-tests 120 "$out/tests.log" "$python" -m pytest -q -rfE -p no:cacheprovider -n 8 "${kernel_tests[@]}"
   tests_summary="$(tail -n 1 "$out/tests.log") (log: tests.log)"
 else
   device="CPU smoke run (toy settings, not a measurement)"
@@ -104,15 +105,13 @@ fi
 
 for step in "${speed_steps[@]}"; do
   if [[ "$step" == generation ]]; then
-    run_step generation-bfloat16 80 bash -c "$(printf '%q ' "$python" benchmarks/generation.py --device cuda \
-      --dtype bfloat16 --rounds 5) > $(printf '%q' "$out/generation.log") 2>&1"
+    run_step generation-bfloat16 80 "$out/generation.log" "$python" benchmarks/generation.py --device cuda \
+      --dtype bfloat16 --rounds 5
     continue
   fi
   IFS=: read -r dtype tokens limit <<< "$step"
-  run_step "kernel_speed-$dtype-$tokens" "$limit" bash -c "$(printf '%q ' "$python" benchmarks/kernel_speed.py \
-    --dtype "$dtype" --tokens "$tokens" "${benchmark[@]}" --markdown "$table") \
-    >> $(printf '%q' "$out/kernel_speed_$dtype.log") 2>&1"
+  run_step "kernel_speed-$dtype-$tokens" "$limit" "$out/kernel_speed_$dtype.log" \
+    "$python" benchmarks/kernel_speed.py --dtype "$dtype" --tokens "$tokens" "${benchmark[@]}" --markdown "$table"
 done
-write_report
 rm -f "$table"
 echo "== wrote $report"
