@@ -266,6 +266,21 @@ def test_measured_decisions_are_remembered_per_bucket(monkeypatch):
         cost.set_cost_model("fastest")
 
 
+def test_deterministic_algorithms_make_count_the_default(monkeypatch):
+    monkeypatch.delenv(cost.COST_MODEL_ENV, raising=False)
+    assert cost.cost_model() == "measure"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert cost.cost_model() == "count"
+        monkeypatch.setenv(cost.COST_MODEL_ENV, "factored")  # a mode set explicitly still applies
+        assert cost.cost_model() == "factored"
+        cost.set_cost_model("materialize")
+        assert cost.cost_model() == "materialize"
+    finally:
+        cost.set_cost_model(None)
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize(("margin", "measured"), [(1.0, False), (1e12, True)])
 def test_counts_far_apart_decide_without_a_measurement(monkeypatch, margin, measured):
     """Timing a path the counts already rule out only costs time and memory (rank ~180: gigabytes)."""

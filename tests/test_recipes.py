@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,31 @@ def test_without_a_test_split_the_best_validation_scores_are_the_final_metrics(t
     results = image_classification.main([*IMAGES, *arguments, "--output_dir", str(tmp_path / "out")])
     assert results["eval_split"] == "validation" and splits == ["validation", "validation"]
     assert results["metrics"] == {"validation_accuracy": results["validation"]["accuracy"]}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_full_determinism_picks_paths_by_count_instead_of_timing(tmp_path, monkeypatch, deterministic):
+    """A timed path choice can flip with the machine's load, and the two paths round differently."""
+    from kron_transformers.factorizations import cost
+
+    timed = []
+    monkeypatch.setattr(cost, "_measure_factored_is_faster", lambda *args: timed.append(args[3]) or True)
+    monkeypatch.setattr(cost, "CLEAR_MARGIN", float("inf"))  # every undecided shape would be timed
+    monkeypatch.delenv(cost.COST_MODEL_ENV, raising=False)
+    cost.clear_decisions()
+    environment, cudnn = dict(os.environ), (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    flag = ["--full_determinism"] if deterministic else []
+    try:
+        translation.main([*SEQ2SEQ, *flag, "--checkpointing_steps", "0", "--output_dir", str(tmp_path / "out")])
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert cost.cost_model() == ("count" if deterministic else "measure")
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+        os.environ.clear()
+        os.environ.update(environment)
+        cost.clear_decisions()
+    assert (timed == []) is deterministic
 
 
 def test_early_stopping_counts_evaluations_without_improvement_and_restores_the_best():

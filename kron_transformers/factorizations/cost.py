@@ -17,6 +17,11 @@ timing tripled a reconstruction's CPU time). Modes (``KRON_TRANSFORMERS_COST_MOD
 - ``"measure"``: per-shape micro-benchmark, cached (default);
 - ``"count"``: counts priced by ``device_speed`` (deterministic; the tests use it);
 - ``"factored"`` / ``"materialize"``: always that path.
+
+The two paths round differently, and a measured choice flips from process to process where the paths are close
+(word2ketXS's 8000x128 tied head at 12-48 tokens on a loaded 2-core CPU: four different sets of choices in six
+processes), so in ``"measure"`` a seeded run does not always repeat its numbers. Under ``torch.use_deterministic_algorithms(True)`` (``transformers.enable_full_determinism``, the recipes'
+``--full_determinism``) the default is therefore ``"count"``; a mode set explicitly still applies.
 """
 
 from __future__ import annotations
@@ -73,17 +78,20 @@ _mode_override: list[str] = []
 
 
 def set_cost_model(mode: str | None) -> None:
-    """Choose the mode for this process (``None``: back to ``KRON_TRANSFORMERS_COST_MODEL``, default ``measure``)."""
+    """Choose the mode for this process (``None``: back to ``KRON_TRANSFORMERS_COST_MODEL`` or the default)."""
     if mode is not None and mode not in COST_MODELS:
         raise ValueError(f"set_cost_model: mode must be one of {COST_MODELS} or None, got {mode!r}")
     _mode_override[:] = [] if mode is None else [mode]
 
 
 def cost_model() -> str:
-    """The mode in effect: ``set_cost_model``'s, else the environment variable's, else ``"measure"``."""
+    """The mode in effect: ``set_cost_model``'s, else the environment variable's, else ``"count"`` under
+    ``torch.use_deterministic_algorithms(True)`` and ``"measure"`` otherwise."""
     if _mode_override:
         return _mode_override[0]
-    mode = os.environ.get(COST_MODEL_ENV, "measure")
+    mode = os.environ.get(COST_MODEL_ENV)
+    if mode is None:
+        return "count" if torch.are_deterministic_algorithms_enabled() else "measure"
     if mode not in COST_MODELS:
         raise ValueError(f"{COST_MODEL_ENV} must be one of {COST_MODELS}, got {mode!r}")
     return mode

@@ -139,6 +139,13 @@ def _local_source_exists(value: str, source_lang: str | None, target_lang: str |
 class TrainArguments:
     output_dir: str = field(default="outputs", metadata={"help": "Checkpoints, results.json, model and card go here."})
     seed: int = field(default=42, metadata={"help": "Seed of initialization, data order and dropout."})
+    full_determinism: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers.enable_full_determinism: deterministic PyTorch algorithms, and kron_transformers "
+            "picks each layer's path by counted cost instead of timing, so a seeded run repeats its numbers."
+        },
+    )
     optimizer: str = field(default="adamw", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay."})

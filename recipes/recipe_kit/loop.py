@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
+from transformers import enable_full_determinism
 from transformers.utils import logging as hf_logging
 
 import kron_transformers as kt
@@ -113,7 +114,10 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,
     )
-    set_seed(args.seed)
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     return accelerator
 
 
