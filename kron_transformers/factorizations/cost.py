@@ -20,7 +20,8 @@ timing tripled a reconstruction's CPU time). Modes (``KRON_TRANSFORMERS_COST_MOD
 
 The two paths round differently, and a measured choice flips from process to process where the paths are close
 (word2ketXS's 8000x128 tied head at 12-48 tokens on a loaded 2-core CPU: four different sets of choices in six
-processes), so in ``"measure"`` a seeded run does not always repeat its numbers. Under ``torch.use_deterministic_algorithms(True)`` (``transformers.enable_full_determinism``, the recipes'
+processes), so in ``"measure"`` a seeded run does not always repeat its numbers. Under
+``torch.use_deterministic_algorithms(True)`` (``transformers.enable_full_determinism``, the recipes'
 ``--full_determinism``) the default is therefore ``"count"``; a mode set explicitly still applies.
 """
 
