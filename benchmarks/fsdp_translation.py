@@ -42,9 +42,9 @@ def build(global_batch: int, world: int, steps: int):
     """The translation recipe's arguments and task (model compressed by its default preset), seeded as the recipe."""
     sys.path.insert(0, str(RECIPES))
     import translation
-    from accelerate.utils import set_seed
     from recipe_kit import builtin
     from recipe_kit.arguments import IMAGE_ONLY, parse_arguments
+    from recipe_kit.loop import seed_run
     from recipe_kit.metrics import bleu
     from recipe_kit.seq2seq import SMALL_T5, seq2seq_task
 
@@ -53,7 +53,7 @@ def build(global_batch: int, world: int, steps: int):
         "--per_device_train_batch_size", str(global_batch // world),
     ]  # fmt: skip
     arguments = parse_arguments(translation.DEFAULTS, argv, unused=IMAGE_ONLY)
-    set_seed(arguments.train.seed)
+    seed_run(arguments.train)
     task = seq2seq_task("translation", arguments, builtin.translation, ("source", "target"), bleu, SMALL_T5)
     return arguments.train, task
 

@@ -114,11 +114,16 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,
     )
+    seed_run(args)
+    return accelerator
+
+
+def seed_run(args: TrainArguments) -> None:
+    """Seed initialization, data order and dropout; with ``--full_determinism`` also deterministic algorithms."""
     if args.full_determinism:
         enable_full_determinism(args.seed)
     else:
         set_seed(args.seed)
-    return accelerator
 
 
 def checkpoint_step(path: Path) -> int:
