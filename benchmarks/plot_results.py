@@ -1,6 +1,7 @@
-"""Plots of ``benchmarks/quality.py``'s runs, from their files alone (``quality_rows.json``, ``train_log.jsonl``).
+"""Plots of ``benchmarks/quality.py``'s runs, from their rows alone (``quality_rows.json`` or kept rows).
 
     python benchmarks/plot_results.py outputs/quality [--plots-dir benchmarks/plots]
+    python benchmarks/plot_results.py benchmarks/quality_rows    # the project's kept rows (quality.py --keep-rows)
 
 Writes ``quality_vs_parameters.png`` (one panel per task: the test metric against parameters, log x, one marker
 per method) and ``training_curves.png`` (one panel per task: the validation metric against optimizer steps, one
@@ -33,22 +34,6 @@ DEFAULT_SEED = 42  # the recipes' --seed default (quality.py's rows before --see
 LEGEND_WIDTH = 60  # characters per legend line at fontsize 8 under a 5-inch panel
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 MARKERS = {"dense": "o", "dense (narrow)": "s", "Shapeshifter": "^", "word2ketXS": "^", "KPD": "^", "LowRank": "v"}
-
-
-def validation_curve(folder: Path) -> tuple[str, list[int], list[float]]:
-    """The first validation metric's name, and its steps and values over a run's ``train_log.jsonl``."""
-    name, steps, scores = "", [], []
-    log = folder / "train_log.jsonl"
-    if not log.is_file():
-        return name, steps, scores
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
-        metric = next((key for key in record if key.startswith("validation_")), None)
-        if metric is not None:
-            name = metric
-            steps.append(record["step"])
-            scores.append(record[metric])
-    return name, steps, scores
 
 
 def run_label(row: dict, rows: list[dict]) -> str:
@@ -114,10 +99,11 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         for row in (row for row in rows if row["task"] == task):
-            metric, steps, scores = validation_curve(Path(row["folder"]))
-            if not steps:
-                continue
-            axis.set_ylabel(metric.replace("_", " "))
+            curve = row.get("curve")
+            if not curve or not curve["steps"]:
+                continue  # a run without validations, or a row kept without its curve
+            steps, scores = curve["steps"], curve["values"]
+            axis.set_ylabel(curve["metric"].replace("_", " "))
             color = run_color(row, rows)
             style = "-" if is_default_seed(row) else "--"
             axis.plot(steps, scores, marker=".", color=color, linestyle=style, label=run_label(row, rows))
@@ -132,15 +118,27 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def load_rows(source: Path) -> list[dict]:
+    """``quality.py``'s rows: its ``--output-dir``'s ``quality_rows.json``, or the per-task files of a
+    ``--keep-rows`` folder such as ``benchmarks/quality_rows``; ``[]`` where there are neither."""
+    if (source / "quality_rows.json").is_file():
+        return json.loads((source / "quality_rows.json").read_text())
+    return [row for path in sorted(source.glob("*.json")) for row in json.loads(path.read_text())]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", help="the --output-dir of benchmarks/quality.py")
+    parser.add_argument(
+        "source", help="the --output-dir of benchmarks/quality.py, or a --keep-rows folder (benchmarks/quality_rows)"
+    )
     parser.add_argument("--plots-dir", default=str(Path(__file__).parent / "plots"), help="where the PNGs go")
     args = parser.parse_args(argv)
-    rows_path = Path(args.output_dir) / "quality_rows.json"
-    if not rows_path.is_file():
-        parser.error(f"{rows_path}: not found (run benchmarks/quality.py --output-dir {args.output_dir} first)")
-    rows = json.loads(rows_path.read_text())
+    rows = load_rows(Path(args.source))
+    if not rows:
+        parser.error(
+            f"{args.source}: no quality_rows.json and no kept rows (<task>.json) there (run benchmarks/quality.py "
+            f"--output-dir {args.source}, or pass the folder of its --keep-rows)"
+        )
     plots = Path(args.plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     plot_quality(rows, plots / "quality_vs_parameters.png")

@@ -38,7 +38,10 @@ early (validation metric every ``eval_steps``, patience 2), and the best validat
 
 ``--fraction F`` keeps that share of every split and ``--max-steps N`` caps every budget (a smoke run); the table
 (``OUTPUT/quality_table.md``) and the rows (``OUTPUT/quality_rows.json``) of every finished run of the chosen tasks
-are written at the end (``--runs`` only limits what is trained; ``--table`` trains nothing).
+are written at the end (``--runs`` only limits what is trained; ``--table`` trains nothing). Each row holds its run's
+validation curve, and ``--keep-rows benchmarks/quality_rows`` merges the rows, without their run folders, into one
+file per task there: the project's measured rows, from which ``plot_results.py`` redraws the plots once the run
+folders are gone.
 
 ``--seeds 42 43`` trains each chosen run once per seed (the recipes' ``--seed``: initialization, data order,
 dropout). Seed 42, the recipes' default, keeps the folder ``OUTPUT/<task>/<run>``; another seed S trains in
@@ -389,9 +392,44 @@ def row(run: Run, results: dict, dense_parameters: int) -> dict:
         "stopped_early": results.get("stopped_early", False),
         "train_seconds": results["train_seconds"] + (pretraining["train_seconds"] if pretraining else 0),
         "pretraining_steps": pretraining["steps"] if pretraining else 0,
+        "pretraining_metrics": pretraining["metrics"] if pretraining else None,
         "kpd": results.get("kpd"),
+        "curve": validation_curve(run.folder),
         "folder": str(run.folder),
     }
+
+
+def validation_curve(folder: Path) -> dict:
+    """The first validation metric over a run's ``train_log.jsonl``: ``{"metric": name, "steps": [...],
+    "values": [...]}`` (the copy stage of a two-stage run is left out: its metric is the copying's)."""
+    curve = {"metric": "", "steps": [], "values": []}
+    log = folder / "train_log.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        record = json.loads(line)
+        metric = next((key for key in record if key.startswith("validation_")), None)
+        if metric is not None:
+            curve["metric"] = metric
+            curve["steps"].append(record["step"])
+            curve["values"].append(record[metric])
+    return curve
+
+
+def keep_rows(rows: list[dict], runs: list[Run], directory: Path) -> None:
+    """Each task's rows also into ``directory/<task>.json``, without their run folders, merged with the rows
+    already there (a run's seed replaces its old row), so that ``plot_results.py directory`` draws the plots again
+    once the run folders are gone. Rows are kept in ``runs``' order, the default seed first."""
+    order = {(run.task, run.name): index for index, run in enumerate(runs)}
+    directory.mkdir(parents=True, exist_ok=True)
+    for task in dict.fromkeys(row["task"] for row in rows):
+        path = directory / f"{task}.json"
+        kept = {(old["run"], old["seed"]): old for old in json.loads(path.read_text())} if path.is_file() else {}
+        for new in (new for new in rows if new["task"] == task):
+            kept[new["run"], new["seed"]] = {key: value for key, value in new.items() if key != "folder"}
+        merged = sorted(
+            kept.values(),
+            key=lambda row: (order.get((task, row["run"]), len(order)), row["seed"] != DEFAULT_SEED, row["seed"]),
+        )
+        write_whole(path, lambda temporary, merged=merged: temporary.write_text(json.dumps(merged, indent=1) + "\n"))
 
 
 def table(rows: list[dict]) -> str:
@@ -463,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table", action="store_true", help="train nothing: the table and rows of the runs already finished"
     )
+    parser.add_argument(
+        "--keep-rows",
+        metavar="DIR",
+        help="also merge the finished rows, without their run folders, into DIR/<task>.json (the project keeps "
+        "its measured rows in benchmarks/quality_rows, from which plot_results.py redraws the plots)",
+    )
     args = parser.parse_args(argv)
     data, output = Path(args.data), Path(args.output_dir)
     check_data(parser, data, args.tasks)
@@ -485,15 +529,19 @@ def main(argv: list[str] | None = None) -> int:
         selected = [run.at_seed(seed, output) for seed in args.seeds for run in selected]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda run: launch(run, args.threads), selected))
-    runs = [run.at_seed(seed, output) for run in runs for seed in finished_seeds(run, output)]
-    results = [json.loads((run.folder / "results.json").read_text()) for run in runs]
+    finished = [run.at_seed(seed, output) for run in runs for seed in finished_seeds(run, output)]
+    results = [json.loads((run.folder / "results.json").read_text()) for run in finished]
     dense = {
         run.task: result["parameters"]["total"]
-        for run, result in zip(runs, results)
+        for run, result in zip(finished, results)
         if run.name == "dense" and run.seed == DEFAULT_SEED
     }
-    rows = [row(run, result, dense.get(run.task, result["parameters"]["dense"])) for run, result in zip(runs, results)]
+    rows = [
+        row(run, result, dense.get(run.task, result["parameters"]["dense"])) for run, result in zip(finished, results)
+    ]
     (output / "quality_rows.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if args.keep_rows is not None:
+        keep_rows(rows, runs, Path(args.keep_rows))
     text = table(rows)
     (output / "quality_table.md").write_text(text)
     print(text)

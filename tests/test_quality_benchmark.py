@@ -70,8 +70,9 @@ def fake_data(root: Path) -> Path:
 def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     data, output = fake_data(tmp_path / "data"), tmp_path / "quality"
     quality = load("quality")
+    kept = tmp_path / "kept_rows"
     arguments = [str(data), "--output-dir", str(output), "--max-steps", "2", "--runs", "dense", "shapeshifter"]
-    arguments += ["word2ketxs", "kpd"]
+    arguments += ["word2ketxs", "kpd", "--keep-rows", str(kept)]
     assert quality.main(arguments) == 0
     first = capsys.readouterr().out
     assert first.count(": done in") == 6
@@ -88,6 +89,9 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     for run in ("dense", "word2ketxs"):
         folder = Path(by_run["summarization", run]["folder"])
         assert by_run["summarization", run]["pretraining_steps"] == 2
+        assert set(by_run["summarization", run]["pretraining_metrics"]) == {
+            "validation_rouge1", "validation_rouge2", "validation_rougeL"
+        }  # fmt: skip
         first = json.loads((folder / "pretraining" / "results.json").read_text())
         assert first["parameters"]["total"] == by_run["summarization", run]["parameters"]
     assert by_run["summarization", "word2ketxs"]["parameters"] < by_run["summarization", "dense"]["parameters"]
@@ -97,6 +101,8 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     for row in rows:
         assert row["steps"] == 2 and row["best_step"] == 2 and row["validation"], row
         assert (Path(row["folder"]) / "train_log.jsonl").is_file()
+        metric, best = next(iter(row["validation"].items()))
+        assert row["curve"] == {"metric": f"validation_{metric}", "steps": [2], "values": [best]}, row
     table = (output / "quality_table.md").read_text()
     assert "| Shapeshifter (embedding rank 32, attention/FFN rank 16) |" in table and "Zhu et al., Table 3" in table
     assert "| 2 copy + 2 |" in table and "| 2 | 2 |" not in table.split("**summarization**")[1]
@@ -108,6 +114,14 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     assert load("plot_results").main([str(output), "--plots-dir", str(plots)]) == 0
     for name in ("quality_vs_parameters.png", "training_curves.png"):
         assert (plots / name).stat().st_size > 10_000
+
+    # the kept rows are the same rows without their run folders, one file per task, and draw the same plots
+    assert sorted(path.name for path in kept.iterdir()) == ["cifar10.json", "summarization.json", "translation.json"]
+    kept_rows = load("plot_results").load_rows(kept)
+    assert kept_rows == [{key: value for key, value in row.items() if key != "folder"} for row in sorted(
+        rows, key=lambda row: ["cifar10", "summarization", "translation"].index(row["task"]))]  # fmt: skip
+    assert load("plot_results").main([str(kept), "--plots-dir", str(tmp_path / "kept_plots")]) == 0
+    assert (tmp_path / "kept_plots" / "training_curves.png").stat().st_size > 10_000
 
     # --runs limits what is trained, not the rows; --table trains nothing and keeps every finished run
     assert quality.main([str(data), "--output-dir", str(output), "--tasks", "translation", "--runs", "dense"]) == 0
@@ -129,6 +143,12 @@ def test_quality_smoke_run_resumes_and_plots(tmp_path, capsys):
     assert "| dense (d_model 256, seed 7) |" in table
     assert "| translation | dense (d_model 256) | 42, 7 | bleu " in table
 
+    # keeping rows again merges: the new seed joins the kept row of seed 42, in the runs' order
+    assert quality.main([*seeds, "--table", "--keep-rows", str(kept)]) == 0
+    translation = json.loads((kept / "translation.json").read_text())
+    assert [(row["run"], row["seed"]) for row in translation] == [("dense", 42), ("dense", 7), ("shapeshifter", 42)]
+    assert len(json.loads((kept / "cifar10.json").read_text())) == 2
+
 
 def test_quality_names_an_unknown_run(tmp_path, capsys):
     data = fake_data(tmp_path / "data")
@@ -141,7 +161,8 @@ def test_quality_names_an_unknown_run(tmp_path, capsys):
 def test_plot_results_names_the_missing_rows(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load("plot_results").main([str(tmp_path)])
-    assert "quality_rows.json: not found (run benchmarks/quality.py" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"{tmp_path}: no quality_rows.json and no kept rows (<task>.json) there (run benchmarks/quality.py" in error
 
 
 def test_plot_labels_name_the_run_where_a_task_has_two_of_a_method_and_a_seed_not_the_default():
