@@ -429,7 +429,7 @@ def keep_rows(rows: list[dict], runs: list[Run], directory: Path) -> None:
             kept.values(),
             key=lambda row: (order.get((task, row["run"]), len(order)), row["seed"] != DEFAULT_SEED, row["seed"]),
         )
-        write_whole(path, lambda temporary, merged=merged: temporary.write_text(json.dumps(merged, indent=1) + "\n"))
+        write_whole(path, lambda temporary: temporary.write_text(json.dumps(merged, indent=1) + "\n"))
 
 
 def table(rows: list[dict]) -> str:
