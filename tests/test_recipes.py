@@ -35,7 +35,8 @@ from recipe_kit.data import read_image_source, read_text_file  # noqa: E402
 from recipe_kit.errors import RecipeError, run_main  # noqa: E402
 from recipe_kit.loop import EarlyStopping, EpochShuffleSampler  # noqa: E402
 from recipe_kit.metrics import accuracy, bleu, rouge  # noqa: E402
-from recipe_kit.optim import Lamb, inverse_sqrt_factor  # noqa: E402
+from recipe_kit.arguments import TrainArguments  # noqa: E402
+from recipe_kit.optim import Lamb, build_optimizer, inverse_sqrt_factor  # noqa: E402
 from recipe_kit.presets import available_presets, load_preset  # noqa: E402
 from recipe_kit.seq2seq import train_tokenizer  # noqa: E402
 
@@ -350,6 +351,39 @@ def test_lamb_step_matches_the_formula_and_inverse_sqrt_schedule():
     expected = start - 0.1 * (start.norm() / update.norm()) * update
     torch.testing.assert_close(weight.detach(), expected)
     assert [inverse_sqrt_factor(s, 4) for s in (0, 3, 4, 16)] == [0.25, 1.0, 1.0, 0.5]
+
+
+def test_lamb_steps_biases_without_the_trust_ratio_so_a_zero_bias_grows():
+    def train_bias(adapt_bias: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 3).double()
+        torch.nn.init.zeros_(layer.bias)
+        optimizer = build_optimizer(layer, TrainArguments(optimizer="lamb", learning_rate=0.1))
+        assert [group["layer_adaptation"] for group in optimizer.param_groups] == [True, False]
+        assert optimizer.param_groups[1]["params"][0] is layer.bias
+        optimizer.param_groups[1]["layer_adaptation"] = adapt_bias
+        inputs = torch.randn(8, 4, dtype=torch.float64)
+        targets = torch.randn(8, 3, dtype=torch.float64) + 5  # the bias has to grow to about 5
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(layer(inputs), targets).backward()
+            optimizer.step()
+        return layer.bias.detach()
+
+    # the plain Adam step moves each entry by about lr per step: about 0.5 after 5 steps
+    assert train_bias(adapt_bias=False).min() > 0.45
+    # with the trust ratio the first step is lr * u (||p|| = 0), then each step is lr * ||p||: a factor 1 + lr
+    assert train_bias(adapt_bias=True).max() < 0.1 * 1.1**4 * 1.05
+
+
+def test_lamb_keeps_the_trust_ratio_for_weights():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3).double()
+    before = layer.weight.detach().clone()
+    optimizer = build_optimizer(layer, TrainArguments(optimizer="lamb", learning_rate=0.1))
+    layer(torch.randn(8, 4, dtype=torch.float64)).square().mean().backward()
+    optimizer.step()
+    assert (layer.weight.detach() - before).norm().item() == pytest.approx(0.1 * before.norm().item(), rel=1e-9)
 
 
 @pytest.mark.parametrize(

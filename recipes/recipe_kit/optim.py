@@ -19,7 +19,9 @@ class Lamb(torch.optim.Optimizer):
 
     Per parameter tensor: Adam moments ``m, v`` with bias correction, the update ``u = m_hat / (sqrt(v_hat) + eps)
     + weight_decay * p``, then a layer-wise trust ratio ``phi = ||p|| / ||u||`` (1 when either norm is 0):
-    ``p <- p - lr * phi * u``.
+    ``p <- p - lr * phi * u``. A parameter group with ``layer_adaptation=False`` takes the plain step (``phi = 1``):
+    ``build_optimizer`` puts biases there, as BERT's LAMB and apex's ``FusedLAMB`` do, because a tensor that starts
+    at zero would otherwise only grow by a factor ``1 + lr`` per step after its first one.
     """
 
     def __init__(
@@ -30,7 +32,7 @@ class Lamb(torch.optim.Optimizer):
                 f"Lamb: need lr > 0, eps > 0, weight_decay >= 0 and betas in [0, 1); got lr={lr}, eps={eps}, "
                 f"weight_decay={weight_decay}, betas={betas}"
             )
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, layer_adaptation=True))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -57,9 +59,13 @@ class Lamb(torch.optim.Optimizer):
                 update = m_hat / (v_hat.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
-                weight_norm, update_norm = p.norm(), update.norm()
-                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
-                p.sub_(group["lr"] * trust * update)
+                step_size = group["lr"]
+                if group["layer_adaptation"]:
+                    weight_norm, update_norm = p.norm(), update.norm()
+                    step_size = step_size * torch.where(
+                        (weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0
+                    )
+                p.sub_(step_size * update)
         return loss
 
 
@@ -73,7 +79,11 @@ def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
 def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.Optimizer:
     parameters = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lamb":
-        return Lamb(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        biases = [p for name, p in trainable if name.rsplit(".", 1)[-1] == "bias"]
+        weights = [p for name, p in trainable if name.rsplit(".", 1)[-1] != "bias"]
+        groups = [{"params": weights}, {"params": biases, "layer_adaptation": False}]
+        return Lamb([group for group in groups if group["params"]], lr=args.learning_rate, weight_decay=args.weight_decay)
     return torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
