@@ -21,7 +21,8 @@ early (validation metric every ``eval_steps``, patience 2), and the best validat
   absolute steps barely move it (measured: BLEU 6.3 after 2,000 AdamW steps, 24.3 after 1,200 LAMB steps).
 - **Summarization, AESLC** (email body -> subject line): an 8,000-token BPE vocabulary; a T5 (d_model 128, 2+2
   layers) with a dense embedding, a word2ketXS embedding (Panahi, section 3.4.2; order 2, rank 10: 50x smaller),
-  and a LowRank embedding of the same size. Each run trains twice: first 800 steps of 32 copying every training
+  a LowRank embedding of the same size, and a narrower dense T5 (d_model 80) of about word2ketXS's parameter count
+  (the fair baseline, as in translation). Each run trains twice: first 800 steps of 32 copying every training
   email's first 12 words (the copy task; LAMB 1e-2, constant after 100 warm-up steps, no label smoothing), then,
   from that model, up to 4,000 steps of 32 on the subjects (LAMB 1e-2, linear decay, label smoothing 0.1),
   validation every 500. Trained on the subjects alone, the T5 never read the email (the subjects' NLL was the same with
@@ -290,6 +291,10 @@ def summarization_runs(data: Path, work: Path, fraction: float, cap: int | None)
         "--lr_scheduler", "linear", "--label_smoothing", "0.1", *schedule(SUMMARY_STEPS, SUMMARY_EVAL, cap),
     ]  # fmt: skip
     low_rank = matched_low_rank(t5(VOCAB, **SUMMARY_T5), WORD2KETXS)
+    word2ketxs = parameters(kt.compress_model(t5(VOCAB, **SUMMARY_T5), kt.KronConfig.from_dict(WORD2KETXS)))
+    narrow = matched_dense_width(word2ketxs, VOCAB, SUMMARY_T5)
+    narrow_copying = [*copying[: copying.index("--config_overrides") + 1], overrides(narrow),
+                      *copying[copying.index("--config_overrides") + 2 :]]  # fmt: skip
     embedding = f"{VOCAB:,} x {SUMMARY_T5['d_model']} embedding"
     return [
         Run("summarization", "dense", "dense", "summarization", subjects, None, embedding, pretraining=copying),
@@ -301,6 +306,8 @@ def summarization_runs(data: Path, work: Path, fraction: float, cap: int | None)
             WORD2KETXS, "order 2, rank 10; output layer untied after the copy stage", pretraining=copying),
         Run("summarization", "lowrank", "LowRank", "summarization", subjects, low_rank, "embedding, same size",
             pretraining=copying),
+        Run("summarization", "dense_narrow", "dense (narrow)", "summarization", subjects, None,
+            f"d_model {narrow['d_model']}, word2ketXS's parameter count", pretraining=narrow_copying),
     ]  # fmt: skip
 
 
