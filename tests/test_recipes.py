@@ -30,12 +30,11 @@ import image_classification  # noqa: E402
 import summarization  # noqa: E402
 import translation  # noqa: E402
 from recipe_kit import builtin, loop  # noqa: E402
-from recipe_kit.arguments import DataArguments  # noqa: E402
+from recipe_kit.arguments import DataArguments, TrainArguments  # noqa: E402
 from recipe_kit.data import read_image_source, read_text_file  # noqa: E402
 from recipe_kit.errors import RecipeError, run_main  # noqa: E402
 from recipe_kit.loop import EarlyStopping, EpochShuffleSampler  # noqa: E402
 from recipe_kit.metrics import accuracy, bleu, rouge  # noqa: E402
-from recipe_kit.arguments import TrainArguments  # noqa: E402
 from recipe_kit.optim import Lamb, build_optimizer, inverse_sqrt_factor  # noqa: E402
 from recipe_kit.presets import available_presets, load_preset  # noqa: E402
 from recipe_kit.seq2seq import train_tokenizer  # noqa: E402

@@ -83,7 +83,8 @@ def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim
         biases = [p for name, p in trainable if name.rsplit(".", 1)[-1] == "bias"]
         weights = [p for name, p in trainable if name.rsplit(".", 1)[-1] != "bias"]
         groups = [{"params": weights}, {"params": biases, "layer_adaptation": False}]
-        return Lamb([group for group in groups if group["params"]], lr=args.learning_rate, weight_decay=args.weight_decay)
+        groups = [group for group in groups if group["params"]]
+        return Lamb(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
     return torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
