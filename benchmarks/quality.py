@@ -21,8 +21,9 @@ early (validation metric every ``eval_steps``, patience 2), and the best validat
   absolute steps barely move it (measured: BLEU 6.3 after 2,000 AdamW steps, 24.3 after 1,200 LAMB steps).
 - **Summarization, AESLC** (email body -> subject line): an 8,000-token BPE vocabulary; a T5 (d_model 128, 2+2
   layers) with a dense embedding, a word2ketXS embedding (Panahi, section 3.4.2; order 2, rank 10: 50x smaller),
-  a LowRank embedding of the same size, and a narrower dense T5 (d_model 80) of about word2ketXS's parameter count
-  (the fair baseline, as in translation). Each run trains twice: first 800 steps of 32 copying every training
+  a LowRank embedding of the same size, a narrower dense T5 (d_model 80) of about word2ketXS's parameter count
+  (the fair baseline, as in translation), and word2ketXS at rank 40, which has the narrow T5's parameter count
+  (12.6x smaller embedding). Each run trains twice: first 800 steps of 32 copying every training
   email's first 12 words (the copy task; LAMB 1e-2, constant after 100 warm-up steps, no label smoothing), then,
   from that model, up to 4,000 steps of 32 on the subjects (LAMB 1e-2, linear decay, label smoothing 0.1),
   validation every 500. Trained on the subjects alone, the T5 never read the email (the subjects' NLL was the same with
@@ -100,6 +101,7 @@ TRANSLATION_STEPS, TRANSLATION_EVAL = 2400, 400
 # first make the cross-attention read it (stop 28), and the run then fine-tunes on the subjects.
 SUMMARY_T5 = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.1)
 WORD2KETXS = {"embedding": {"method": "Word2KetXS", "order": 2, "rank": 10}, "init": "random"}
+WORD2KETXS_RANK40 = {**WORD2KETXS, "embedding": {**WORD2KETXS["embedding"], "rank": 40}}  # dense_narrow's size
 WORD2KETXS_DENSE_HEAD = {**WORD2KETXS, "untie_lm_head": True}  # Panahi's protocol: the softmax layer stays dense
 LEAD_WORDS, COPY_STEPS = 12, 800
 SUMMARY_STEPS, SUMMARY_EVAL = 4000, 500
@@ -300,6 +302,8 @@ def summarization_runs(data: Path, work: Path, fraction: float, cap: int | None)
         Run("summarization", "dense", "dense", "summarization", subjects, None, embedding, pretraining=copying),
         Run("summarization", "word2ketxs", "word2ketXS", "summarization", subjects, WORD2KETXS, "order 2, rank 10",
             pretraining=copying),
+        Run("summarization", "word2ketxs_rank40", "word2ketXS", "summarization", subjects, WORD2KETXS_RANK40,
+            "order 2, rank 40: dense (narrow)'s parameter count", pretraining=copying),
         Run("summarization", "word2ketxs_dense_head", "word2ketXS", "summarization", subjects, WORD2KETXS_DENSE_HEAD,
             "order 2, rank 10; output layer dense from the start", pretraining=copying),
         Run("summarization", "word2ketxs_untied_head", "word2ketXS", "summarization", [*subjects, "--untie_lm_head"],
