@@ -283,11 +283,15 @@ def summarization_runs(data: Path, work: Path, fraction: float, cap: int | None)
         "--warmup_steps", "100", "--max_source_length", "64", "--max_target_length", "16",
         *sample_limits({"train": 14436, "validation": 1960, "test": 1906}, fraction),
     ]  # fmt: skip
-    copying = [
-        "--train_file", str(copies), *shared, "--model_config", "t5", "--config_overrides", overrides(SUMMARY_T5),
-        "--tokenizer_vocab_size", str(VOCAB), "--lr_scheduler", "constant", "--label_smoothing", "0",
-        "--max_steps", str(COPY_STEPS if cap is None else min(COPY_STEPS, cap)),
-    ]  # fmt: skip
+
+    def copying(settings: dict) -> list[str]:
+        """The copy stage of a T5 with ``settings``; the subject stage loads its checkpoint."""
+        return [
+            "--train_file", str(copies), *shared, "--model_config", "t5", "--config_overrides", overrides(settings),
+            "--tokenizer_vocab_size", str(VOCAB), "--lr_scheduler", "constant", "--label_smoothing", "0",
+            "--max_steps", str(COPY_STEPS if cap is None else min(COPY_STEPS, cap)),
+        ]  # fmt: skip
+
     subjects = [
         "--train_file", str(folder / "train.jsonl.gz"), "--test_file", str(folder / "test.jsonl.gz"), *shared,
         "--lr_scheduler", "linear", "--label_smoothing", "0.1", *schedule(SUMMARY_STEPS, SUMMARY_EVAL, cap),
@@ -295,23 +299,22 @@ def summarization_runs(data: Path, work: Path, fraction: float, cap: int | None)
     low_rank = matched_low_rank(t5(VOCAB, **SUMMARY_T5), WORD2KETXS)
     word2ketxs = parameters(kt.compress_model(t5(VOCAB, **SUMMARY_T5), kt.KronConfig.from_dict(WORD2KETXS)))
     narrow = matched_dense_width(word2ketxs, VOCAB, SUMMARY_T5)
-    narrow_copying = [*copying[: copying.index("--config_overrides") + 1], overrides(narrow),
-                      *copying[copying.index("--config_overrides") + 2 :]]  # fmt: skip
     embedding = f"{VOCAB:,} x {SUMMARY_T5['d_model']} embedding"
+    wide_copying = copying(SUMMARY_T5)
     return [
-        Run("summarization", "dense", "dense", "summarization", subjects, None, embedding, pretraining=copying),
+        Run("summarization", "dense", "dense", "summarization", subjects, None, embedding, pretraining=wide_copying),
         Run("summarization", "word2ketxs", "word2ketXS", "summarization", subjects, WORD2KETXS, "order 2, rank 10",
-            pretraining=copying),
+            pretraining=wide_copying),
         Run("summarization", "word2ketxs_rank40", "word2ketXS", "summarization", subjects, WORD2KETXS_RANK40,
-            "order 2, rank 40: dense (narrow)'s parameter count", pretraining=copying),
+            "order 2, rank 40: dense (narrow)'s parameter count", pretraining=wide_copying),
         Run("summarization", "word2ketxs_dense_head", "word2ketXS", "summarization", subjects, WORD2KETXS_DENSE_HEAD,
-            "order 2, rank 10; output layer dense from the start", pretraining=copying),
+            "order 2, rank 10; output layer dense from the start", pretraining=wide_copying),
         Run("summarization", "word2ketxs_untied_head", "word2ketXS", "summarization", [*subjects, "--untie_lm_head"],
-            WORD2KETXS, "order 2, rank 10; output layer untied after the copy stage", pretraining=copying),
+            WORD2KETXS, "order 2, rank 10; output layer untied after the copy stage", pretraining=wide_copying),
         Run("summarization", "lowrank", "LowRank", "summarization", subjects, low_rank, "embedding, same size",
-            pretraining=copying),
+            pretraining=wide_copying),
         Run("summarization", "dense_narrow", "dense (narrow)", "summarization", subjects, None,
-            f"d_model {narrow['d_model']}, word2ketXS's parameter count", pretraining=narrow_copying),
+            f"d_model {narrow['d_model']}, word2ketXS's parameter count", pretraining=copying(narrow)),
     ]  # fmt: skip
 
 

@@ -383,6 +383,14 @@ def test_lamb_keeps_the_trust_ratio_for_weights():
     layer(torch.randn(8, 4, dtype=torch.float64)).square().mean().backward()
     optimizer.step()
     assert (layer.weight.detach() - before).norm().item() == pytest.approx(0.1 * before.norm().item(), rel=1e-9)
+    # a checkpoint saved before biases had their own group: one group, without the key; its step keeps the ratio
+    old_state = Lamb(list(layer.parameters()), lr=0.1).state_dict()
+    del old_state["param_groups"][0]["layer_adaptation"]
+    resumed = Lamb(list(layer.parameters()), lr=0.1)
+    resumed.load_state_dict(old_state)
+    before = layer.weight.detach().clone()
+    resumed.step()
+    assert (layer.weight.detach() - before).norm().item() == pytest.approx(0.1 * before.norm().item(), rel=1e-9)
 
 
 @pytest.mark.parametrize(

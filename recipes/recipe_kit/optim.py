@@ -60,7 +60,7 @@ class Lamb(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
                 step_size = group["lr"]
-                if group["layer_adaptation"]:
+                if group.get("layer_adaptation", True):  # absent from the groups of checkpoints saved before it
                     weight_norm, update_norm = p.norm(), update.norm()
                     step_size = step_size * torch.where(
                         (weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0
@@ -77,15 +77,14 @@ def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.Optimizer:
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if args.optimizer == "lamb":
-        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         biases = [p for name, p in trainable if name.rsplit(".", 1)[-1] == "bias"]
         weights = [p for name, p in trainable if name.rsplit(".", 1)[-1] != "bias"]
         groups = [{"params": weights}, {"params": biases, "layer_adaptation": False}]
         groups = [group for group in groups if group["params"]]
         return Lamb(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.AdamW([p for _, p in trainable], lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArguments, total_steps: int) -> LambdaLR:
