@@ -545,10 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             list(pool.map(lambda run: launch(run, args.threads), selected))
     finished = [run.at_seed(seed, output) for run in runs for seed in finished_seeds(run, output)]
     results = [json.loads((run.folder / "results.json").read_text()) for run in finished]
-    dense = {
-        run.task: result["parameters"]["total"]
-        for run, result in zip(finished, results)
-        if run.name == "dense" and run.seed == DEFAULT_SEED
+    dense = {  # the task's dense model at any seed (the count does not depend on it)
+        run.task: result["parameters"]["total"] for run, result in zip(finished, results) if run.name == "dense"
     }
     rows = [
         row(run, result, dense.get(run.task, result["parameters"]["dense"])) for run, result in zip(finished, results)
