@@ -388,6 +388,15 @@ def invoke(run: Run, arguments: list[str], folder: Path, threads: int) -> None:
         raise RuntimeError(f"{run.task}/{run.name} failed (exit {finished.returncode}): see {log.name}")
 
 
+def result_rows(finished: list[Run], results: list[dict]) -> list[dict]:
+    """A row per finished run, its size against its task's dense run at any seed (the count does not depend on
+    the seed), or against its own model's dense count where the task's dense run has not finished."""
+    dense = {run.task: result["parameters"]["total"] for run, result in zip(finished, results) if run.name == "dense"}
+    return [
+        row(run, result, dense.get(run.task, result["parameters"]["dense"])) for run, result in zip(finished, results)
+    ]
+
+
 def row(run: Run, results: dict, dense_parameters: int) -> dict:
     first = run.folder / PRETRAINING / "results.json"
     pretraining = json.loads(first.read_text()) if run.pretraining is not None and first.is_file() else None
@@ -544,13 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda run: launch(run, args.threads), selected))
     finished = [run.at_seed(seed, output) for run in runs for seed in finished_seeds(run, output)]
-    results = [json.loads((run.folder / "results.json").read_text()) for run in finished]
-    dense = {  # the task's dense model at any seed (the count does not depend on it)
-        run.task: result["parameters"]["total"] for run, result in zip(finished, results) if run.name == "dense"
-    }
-    rows = [
-        row(run, result, dense.get(run.task, result["parameters"]["dense"])) for run, result in zip(finished, results)
-    ]
+    rows = result_rows(finished, [json.loads((run.folder / "results.json").read_text()) for run in finished])
     (output / "quality_rows.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.keep_rows is not None:
         keep_rows(rows, runs, Path(args.keep_rows))

@@ -168,6 +168,20 @@ def test_summarization_size_matched_runs(tmp_path):
     assert runs["dense_narrow"].compression is None and "--config_overrides" not in runs["dense_narrow"].arguments
 
 
+def test_rows_count_sizes_against_the_dense_run_of_any_seed(tmp_path):
+    quality = load("quality")
+    runs = {run.name: run for run in quality.summarization_runs(fake_data(tmp_path / "data"), tmp_path, 1.0, None)}
+    finished = [runs["dense"].at_seed(46, tmp_path), runs["dense_narrow"].at_seed(42, tmp_path)]
+    results = [
+        {"parameters": {"total": total, "dense": total}, "metrics": {}, "steps": 4, "train_seconds": 1.0}
+        for total in (1_943_296, 999_616)
+    ]
+    rows = quality.result_rows(finished, results)
+    assert [row["fewer_than_dense"] for row in rows] == [1.0, 1_943_296 / 999_616]
+    # without the task's dense run, a run is counted against its own model's dense size
+    assert quality.result_rows(finished[1:], results[1:])[0]["fewer_than_dense"] == 1.0
+
+
 def test_quality_names_an_unknown_run(tmp_path, capsys):
     data = fake_data(tmp_path / "data")
     with pytest.raises(SystemExit):
