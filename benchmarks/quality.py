@@ -177,6 +177,11 @@ def parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def compressed_parameters(settings: dict, compression: dict) -> int:
+    """Parameters of the T5 with ``settings`` (``VOCAB`` tokens) after ``compression``."""
+    return parameters(kt.compress_model(t5(VOCAB, **settings), kt.KronConfig.from_dict(compression)))
+
+
 def matched_low_rank(model: torch.nn.Module, compression: dict) -> dict:
     """LowRank per role at ``compression``'s dense/compressed parameter ratio of that role."""
     summary = kt.report(kt.compress_model(model, kt.KronConfig.from_dict(compression)))
@@ -228,7 +233,7 @@ def translation_runs(data: Path, fraction: float, cap: int | None) -> list[Run]:
         *schedule(TRANSLATION_STEPS, TRANSLATION_EVAL, cap),
         *sample_limits({"train": 29000, "validation": 1014, "test": 1000}, fraction),
     ]  # fmt: skip
-    shapeshifter = parameters(kt.compress_model(t5(VOCAB, **WIDE_T5), kt.KronConfig.from_dict(SHAPESHIFTER)))
+    shapeshifter = compressed_parameters(WIDE_T5, SHAPESHIFTER)
     narrow = matched_dense_width(shapeshifter, VOCAB, WIDE_T5)
     wide = ["--config_overrides", overrides(WIDE_T5)]
     ranks = "embedding rank 32, attention/FFN rank 16"
@@ -297,7 +302,7 @@ def summarization_runs(data: Path, work: Path, fraction: float, cap: int | None)
         "--lr_scheduler", "linear", "--label_smoothing", "0.1", *schedule(SUMMARY_STEPS, SUMMARY_EVAL, cap),
     ]  # fmt: skip
     low_rank = matched_low_rank(t5(VOCAB, **SUMMARY_T5), WORD2KETXS)
-    word2ketxs = parameters(kt.compress_model(t5(VOCAB, **SUMMARY_T5), kt.KronConfig.from_dict(WORD2KETXS)))
+    word2ketxs = compressed_parameters(SUMMARY_T5, WORD2KETXS)
     narrow = matched_dense_width(word2ketxs, VOCAB, SUMMARY_T5)
     embedding = f"{VOCAB:,} x {SUMMARY_T5['d_model']} embedding"
     wide_copying = copying(SUMMARY_T5)

@@ -156,15 +156,14 @@ def test_summarization_size_matched_runs(tmp_path):
     copying = runs["dense_narrow"].pretraining
     settings = dict(item.split("=") for item in copying[copying.index("--config_overrides") + 1].split(","))
     narrow = quality.t5(quality.VOCAB, **{key: float(v) if "." in v else int(v) for key, v in settings.items()})
-
-    def compressed_parameters(name: str) -> int:
-        config = quality.kt.KronConfig.from_dict(runs[name].compression)
-        return quality.parameters(quality.kt.compress_model(quality.t5(quality.VOCAB, **quality.SUMMARY_T5), config))
-
     assert settings["d_model"] == "80" and settings["d_ff"] == "320" and settings["num_layers"] == "2"
     # the narrow dense T5 has about rank 10's count (d_model a multiple of 8), and rank 40 has the narrow one's
     assert quality.parameters(narrow) == 999_616
-    assert compressed_parameters("word2ketxs") == 939_536 and compressed_parameters("word2ketxs_rank40") == 1_000_256
+    counts = {
+        name: quality.compressed_parameters(quality.SUMMARY_T5, runs[name].compression)
+        for name in ("word2ketxs", "word2ketxs_rank40")
+    }
+    assert counts["word2ketxs"] == 939_536 and counts["word2ketxs_rank40"] == 1_000_256
     assert runs["dense_narrow"].compression is None and "--config_overrides" not in runs["dense_narrow"].arguments
 
 
