@@ -4,9 +4,9 @@
     python benchmarks/plot_results.py benchmarks/quality_rows    # the project's kept rows (quality.py --keep-rows)
 
 Writes ``quality_vs_parameters.png`` (one panel per task: the test metric against parameters, log x, one marker
-per method) and ``training_curves.png`` (one panel per task: the validation metric against optimizer steps, one
-line per run, the restored best step marked). A run's seeds share its colour; the recipes' default seed is drawn
-filled / solid, other seeds hollow / dashed.
+per run) and ``training_curves.png`` (one panel per task: the validation metric against optimizer steps, one
+line per run). One legend entry per run; a run of several seeds is drawn small / thin per seed and large / thick
+at their mean, in one colour.
 """
 
 from __future__ import annotations
@@ -36,22 +36,45 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 MARKERS = {"dense": "o", "dense (narrow)": "s", "Shapeshifter": "^", "word2ketXS": "^", "KPD": "^", "LowRank": "v"}
 
 
-def run_label(row: dict, rows: list[dict]) -> str:
-    """The method's name, with the run's note where another run of the task has the same method (other
-    seeds of the same run do not count) and the seed where it is not the recipes' default."""
-    twins = {other["run"] for other in rows if other["task"] == row["task"] and other["method"] == row["method"]}
-    label = row["method"] if len(twins) == 1 else f"{row['method']}: {row['note']}"
-    return label if is_default_seed(row) else f"{label}, seed {row['seed']}"
+def runs_of(task: str, rows: list[dict]) -> dict[str, list[dict]]:
+    """The task's rows by run (a run's seeds together), in the order the runs first appear."""
+    runs: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["task"] == task:
+            runs.setdefault(row["run"], []).append(row)
+    return runs
 
 
-def run_color(row: dict, rows: list[dict]) -> str:
+def run_label(seeds: list[dict], rows: list[dict]) -> str:
+    """The method's name, with the run's note where another run of the task has the same method; then how many
+    seeds the run has, or its one seed where that is not the recipes' default."""
+    first = seeds[0]
+    twins = {other["run"] for other in rows if other["task"] == first["task"] and other["method"] == first["method"]}
+    label = first["method"] if len(twins) == 1 else f"{first['method']}: {first['note']}"
+    if len(seeds) > 1:
+        return f"{label}, mean of {len(seeds)} seeds"
+    return label if is_default_seed(first) else f"{label}, seed {first['seed']}"
+
+
+def run_color(run: str, task: str, rows: list[dict]) -> str:
     """One colour per run of a task (its seeds share it), in the order the runs first appear."""
-    runs = list(dict.fromkeys(other["run"] for other in rows if other["task"] == row["task"]))
-    return COLORS[runs.index(row["run"]) % len(COLORS)]
+    return COLORS[list(runs_of(task, rows)).index(run) % len(COLORS)]
 
 
 def is_default_seed(row: dict) -> bool:
     return row.get("seed", DEFAULT_SEED) == DEFAULT_SEED
+
+
+def has_curve(row: dict) -> bool:
+    """Whether the row has validations to draw (not a run without them, nor a row transcribed without its curve)."""
+    return bool(row.get("curve") and row["curve"]["steps"])
+
+
+def mean_curve(curves: list[dict]) -> tuple[list[int], list[float]]:
+    """The steps every curve reached (an early-stopped seed ends its run's mean) and the mean there."""
+    steps = sorted(set.intersection(*(set(curve["steps"]) for curve in curves)))
+    means = [sum(curve["values"][curve["steps"].index(step)] for curve in curves) / len(curves) for step in steps]
+    return steps, means
 
 
 def legend_below(axis: plt.Axes) -> None:
@@ -67,20 +90,24 @@ def size_change(fewer_than_dense: float) -> str:
 
 
 def plot_quality(rows: list[dict], path: Path) -> None:
+    """A run of one seed is one filled marker; a run of several is a small hollow marker per seed and a large
+    filled one at their mean."""
     tasks = [task for task in TASK_TITLES if any(row["task"] == task for row in rows)]
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for axis, task in zip(axes[0], tasks):
-        for row in (row for row in rows if row["task"] == task):
-            color = run_color(row, rows)
+        for run, seeds in runs_of(task, rows).items():
+            color, marker = run_color(run, task, rows), MARKERS.get(seeds[0]["method"], "x")
+            scores = [row["metrics"][MAIN_METRIC[task]] for row in seeds]
+            if len(seeds) > 1:
+                axis.scatter([row["parameters"] for row in seeds], scores, marker=marker, s=25, edgecolors=color,
+                             facecolors="none", linewidths=1, alpha=0.7)  # fmt: skip
             axis.scatter(
-                row["parameters"],
-                row["metrics"][MAIN_METRIC[task]],
-                marker=MARKERS.get(row["method"], "x"),
-                s=70,
-                edgecolors=color,
-                facecolors=color if is_default_seed(row) else "none",
-                linewidths=1.5,
-                label=f"{run_label(row, rows)} ({size_change(row['fewer_than_dense'])})",
+                seeds[0]["parameters"],
+                sum(scores) / len(scores),
+                marker=marker,
+                s=80,
+                color=color,
+                label=f"{run_label(seeds, rows)} ({size_change(seeds[0]['fewer_than_dense'])})",
             )
         axis.set_xscale("log")
         axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 200k, 500k, 1M, ...
@@ -95,21 +122,28 @@ def plot_quality(rows: list[dict], path: Path) -> None:
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
-    tasks = [task for task in TASK_TITLES if any(row["task"] == task for row in rows)]
+    """A run of one seed is one line with its restored best step circled; a run of several is a thin line per
+    seed and a thick one at their mean (``mean_curve``). Tasks without curves get no panel."""
+    tasks = [task for task in TASK_TITLES if any(row["task"] == task and has_curve(row) for row in rows)]
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for axis, task in zip(axes[0], tasks):
-        for row in (row for row in rows if row["task"] == task):
-            curve = row.get("curve")
-            if not curve or not curve["steps"]:
-                continue  # a run without validations, or a row kept without its curve
-            steps, scores = curve["steps"], curve["values"]
-            axis.set_ylabel(curve["metric"].replace("_", " "))
-            color = run_color(row, rows)
-            style = "-" if is_default_seed(row) else "--"
-            axis.plot(steps, scores, marker=".", color=color, linestyle=style, label=run_label(row, rows))
-            if row.get("best_step") in steps:
-                best = steps.index(row["best_step"])
-                axis.scatter([steps[best]], [scores[best]], edgecolors=color, s=80, facecolors="none")
+        for run, seeds in runs_of(task, rows).items():
+            drawn = [row for row in seeds if has_curve(row)]
+            if not drawn:
+                continue
+            color = run_color(run, task, rows)
+            axis.set_ylabel(drawn[0]["curve"]["metric"].replace("_", " "))
+            if len(drawn) == 1:
+                steps, scores = drawn[0]["curve"]["steps"], drawn[0]["curve"]["values"]
+                axis.plot(steps, scores, marker=".", color=color, label=run_label(drawn, rows))
+                if drawn[0].get("best_step") in steps:
+                    best = steps.index(drawn[0]["best_step"])
+                    axis.scatter([steps[best]], [scores[best]], edgecolors=color, s=80, facecolors="none")
+                continue
+            for row in drawn:
+                axis.plot(row["curve"]["steps"], row["curve"]["values"], color=color, linewidth=0.8, alpha=0.35)
+            axis.plot(*mean_curve([row["curve"] for row in drawn]), marker=".", color=color, linewidth=2,
+                      label=run_label(drawn, rows))  # fmt: skip
         axis.set_xlabel("optimizer steps")
         axis.set_title(TASK_TITLES[task].split(" (")[0])
         axis.grid(alpha=0.3)
@@ -142,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     plots = Path(args.plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     plot_quality(rows, plots / "quality_vs_parameters.png")
-    plot_curves(rows, plots / "training_curves.png")
-    print(f"wrote {plots / 'quality_vs_parameters.png'} and {plots / 'training_curves.png'}")
+    print(f"wrote {plots / 'quality_vs_parameters.png'}")
+    if any(has_curve(row) for row in rows):
+        plot_curves(rows, plots / "training_curves.png")
+        print(f"wrote {plots / 'training_curves.png'}")
+    else:
+        print("no row has a validation curve: no training_curves.png")
     return 0
 
 

@@ -196,25 +196,29 @@ def test_plot_results_names_the_missing_rows(tmp_path, capsys):
     assert f"{tmp_path}: no quality_rows.json and no kept rows (<task>.json) there (run benchmarks/quality.py" in error
 
 
-def test_plot_labels_name_the_run_where_a_task_has_two_of_a_method_and_a_seed_not_the_default():
+def test_plot_labels_name_the_run_where_a_task_has_two_of_a_method_and_count_its_seeds():
+    plot = load("plot_results")
     rows = [
         {"task": "translation", "run": "dense", "method": "dense", "note": "d_model 256"},
         {"task": "translation", "run": "dense", "method": "dense", "note": "d_model 256", "seed": 43},
         {"task": "translation", "run": "shapeshifter", "method": "Shapeshifter", "note": "embedding rank 32"},
-        {"task": "translation", "run": "half", "method": "Shapeshifter", "note": "embedding rank 96", "seed": 42},
+        {"task": "translation", "run": "half", "method": "Shapeshifter", "note": "embedding rank 96", "seed": 43},
         {"task": "cifar10", "run": "shapeshifter", "method": "Shapeshifter", "note": "rank 4"},
     ]
-    labels = [load("plot_results").run_label(row, rows) for row in rows]
+    runs = {task: plot.runs_of(task, rows) for task in ("translation", "cifar10")}
+    assert list(runs["translation"]) == ["dense", "shapeshifter", "half"] and list(runs["cifar10"]) == ["shapeshifter"]
+    labels = [plot.run_label(seeds, rows) for task in runs for seeds in runs[task].values()]
     assert labels == [
-        "dense", "dense, seed 43", "Shapeshifter: embedding rank 32", "Shapeshifter: embedding rank 96",
+        "dense, mean of 2 seeds", "Shapeshifter: embedding rank 32", "Shapeshifter: embedding rank 96, seed 43",
         "Shapeshifter",
     ]  # fmt: skip
-    size_change = load("plot_results").size_change
+    assert plot.run_label([rows[1]], rows) == "dense, seed 43"  # a seed drawn alone (the other has no curve)
+    size_change = plot.size_change
     assert size_change(12.63) == "12.6x fewer" and size_change(1.0) == "1.0x fewer"
     assert size_change(1_943_296 / 1_963_536) == "1.01x more"  # word2ketXS with its head untied
 
 
-def test_plot_colours_are_per_run_and_other_seeds_are_hollow():
+def test_plot_colours_are_per_run_of_a_task():
     plot = load("plot_results")
     rows = [
         {"task": "translation", "run": "dense", "seed": 42},
@@ -222,9 +226,18 @@ def test_plot_colours_are_per_run_and_other_seeds_are_hollow():
         {"task": "translation", "run": "dense", "seed": 43},
         {"task": "cifar10", "run": "kpd"},
     ]
-    colors = [plot.run_color(row, rows) for row in rows]
+    colors = [plot.run_color(row["run"], row["task"], rows) for row in rows]
     assert colors == [plot.COLORS[0], plot.COLORS[1], plot.COLORS[0], plot.COLORS[0]]
     assert [plot.is_default_seed(row) for row in rows] == [True, True, False, True]
+
+
+def test_mean_curve_ends_where_the_first_seed_stopped():
+    curves = [
+        {"steps": [500, 1000, 1500], "values": [2.0, 4.0, 9.0]},
+        {"steps": [500, 1000], "values": [4.0, 5.0]},  # stopped early
+        {"steps": [1000, 500, 1500], "values": [3.0, 6.0, 1.0]},  # order of the steps does not matter
+    ]
+    assert load("plot_results").mean_curve(curves) == ([500, 1000], [4.0, 4.0])
 
 
 def test_write_whole_keeps_the_old_file_when_the_write_fails(tmp_path):
