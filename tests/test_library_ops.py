@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import kron_transformers.kernels as kernels
 from kron_transformers import KPDLinear, KronLinear
 from kron_transformers.kernels import dispatch, library_ops, torch_ops
 
@@ -104,6 +105,38 @@ def test_compiled_cpu_model_traces_the_pytorch_path_by_default(monkeypatch):
     factorization = layer.factorization
     expected = torch_ops.kron_matmul(x, list(factorization.factors), factorization.rows) + layer.bias
     torch.testing.assert_close(output, expected)
+
+
+def gather_rows(ids, *factors):
+    return kernels.kron_gather_rows(ids, list(factors), 6)
+
+
+@pytest.mark.parametrize("make_call, needs_grad, traces_the_op", [
+    (lambda: (KronLinear(15, 11, rank=2, factor_shapes=[(3, 5), (4, 3)]), torch.randn(4, 15)), True, True),
+    (lambda: (KPDLinear(15, 12, rank=2, block_size=(4, 3)), torch.randn(4, 15)), False, False),  # policy "never"
+    (lambda: (gather_rows, torch.tensor([4, 0, 4]), *gather_factors()), True, False),  # "inference", training
+    (lambda: (gather_rows, torch.tensor([4, 0, 4]), *gather_factors()), False, True),  # "inference", no gradient
+])  # fmt: skip
+def test_compiled_auto_follows_each_ops_policy(make_call, needs_grad, traces_the_op, monkeypatch):
+    """``auto`` traces the custom op only where the op's ``auto`` policy (``kernels/ops.py``) runs its kernel in
+    eager mode: not kpd_matmul's, and the row gather's only when nothing needs a gradient. On CPU the kernels are
+    let run as on CUDA tensors (the interpreter)."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "_compiled_kernels_on_cpu", lambda: True)
+    torch.manual_seed(0)
+    function, *inputs = make_call()
+    if isinstance(function, torch.nn.Module):
+        function = function.to(DEVICE).requires_grad_(needs_grad)
+    inputs = [value.to(DEVICE) for value in inputs]
+    inputs = [value.requires_grad_(needs_grad) if value.is_floating_point() else value for value in inputs]
+    with torch.set_grad_enabled(needs_grad):
+        _, graphs = graphs_of(function, *inputs)
+    assert len(graphs) == 1 and ("kron_transformers." in graphs[0]) == traces_the_op, graphs[0]
+
+
+def gather_factors():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(2, a, b, generator=generator) for a, b in [(3, 2), (2, 3)]]
 
 
 def test_kron_linear_checks_its_arguments():

@@ -12,9 +12,9 @@
 
 Under ``torch.compile`` an op registered with a ``compiled`` implementation (a ``torch.library`` custom op over
 its Triton kernel, ``library_ops``) is traced as that opaque op when its tensors are on CUDA (or, under
-``TRITON_INTERPRET=1`` with ``KRON_TRANSFORMERS_BACKEND=triton``, on CPU) and the kernel covers them; otherwise the
-PyTorch reference is traced (Inductor generates its own fused code). Either way the dispatcher causes no graph
-break.
+``TRITON_INTERPRET=1`` with ``KRON_TRANSFORMERS_BACKEND=triton``, on CPU), the kernel covers them and, with
+``auto``, the op's policy picks the kernel; otherwise the PyTorch reference is traced (Inductor generates its own
+fused code). Either way the dispatcher causes no graph break.
 """
 
 from __future__ import annotations
@@ -136,19 +136,28 @@ def _compiled_kernels_allowed() -> bool:
 
 
 @torch.compiler.assume_constant_result
+def _compiled_backend_forced() -> bool:
+    """Under ``torch.compile``: ``KRON_TRANSFORMERS_BACKEND=triton`` (read at trace time), which overrides the
+    ``auto`` policies."""
+    return requested_backend() == "triton"
+
+
+@torch.compiler.assume_constant_result
 def _compiled_kernels_on_cpu() -> bool:
     """Under ``torch.compile``: CPU tensors may take the kernels (``TRITON_INTERPRET=1`` and the backend forced)."""
     return triton_interpreted() and requested_backend() == "triton"
 
 
 def _compiled_call(entry: KernelEntry, args: tuple, kwargs: dict) -> Any:
-    """The traced implementation: the custom op where it applies, else the PyTorch reference."""
+    """The traced implementation: the custom op where it applies (with ``auto``, where the op's policy picks the
+    kernel, as in eager mode), else the PyTorch reference."""
     tensors = _tensors((*args, *kwargs.values()))
     on_device = all(t.is_cuda for t in tensors) or _compiled_kernels_on_cpu()
     if (
         entry.compiled is not None
         and on_device
         and _compiled_kernels_allowed()
+        and (_compiled_backend_forced() or entry.auto_picks_kernel(tensors))
         and entry.kernel_covers(*args, **kwargs)
     ):
         return entry.compiled(*args, **kwargs)
