@@ -107,6 +107,11 @@ def test_compiled_cpu_model_traces_the_pytorch_path_by_default(monkeypatch):
     torch.testing.assert_close(output, expected)
 
 
+def gather_factors():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(2, a, b, generator=generator) for a, b in [(3, 2), (2, 3)]]
+
+
 def gather_rows(ids, *factors):
     return kernels.kron_gather_rows(ids, list(factors), 6)
 
@@ -132,11 +137,6 @@ def test_compiled_auto_follows_each_ops_policy(make_call, needs_grad, traces_the
     with torch.set_grad_enabled(needs_grad):
         _, graphs = graphs_of(function, *inputs)
     assert len(graphs) == 1 and ("kron_transformers." in graphs[0]) == traces_the_op, graphs[0]
-
-
-def gather_factors():
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randn(2, a, b, generator=generator) for a, b in [(3, 2), (2, 3)]]
 
 
 def test_kron_linear_checks_its_arguments():

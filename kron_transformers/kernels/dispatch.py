@@ -145,7 +145,7 @@ def _compiled_backend_forced() -> bool:
 @torch.compiler.assume_constant_result
 def _compiled_kernels_on_cpu() -> bool:
     """Under ``torch.compile``: CPU tensors may take the kernels (``TRITON_INTERPRET=1`` and the backend forced)."""
-    return triton_interpreted() and requested_backend() == "triton"
+    return triton_interpreted() and _compiled_backend_forced()
 
 
 def _compiled_call(entry: KernelEntry, args: tuple, kwargs: dict) -> Any:
